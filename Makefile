@@ -1,0 +1,53 @@
+# nit-lightning. `make demo` and `make test` set everything up on a fresh machine (CPU torch, no GPU needed).
+PYTHON_SYS ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Sweep variables (make eval-res-sweep CKPT=... REF_DIR=... NUM=50000 OUT=...)
+CKPT ?= checkpoints/last.ckpt
+REF_DIR ?= references
+NUM ?= 50000
+OUT ?= outputs/sweeps
+SWEEP_ARGS ?=
+
+.PHONY: install test test-fast demo demo-ablation bench gpu-check eval-res-sweep eval-ar-sweep clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first (a CPU build that lies on this disk); requirements.txt says torch>=2.5 and so keeps it.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# Skips the tests marked slow (multi-process DDP, end-to-end commands).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(PY) -m nit_lightning demo --out demo_out
+
+demo-ablation: install
+	$(PY) -m nit_lightning demo --out demo_out --ablation
+
+bench: install
+	$(PY) bench/attention.py
+	$(PY) bench/packing.py
+	$(PY) bench/train_step.py
+
+gpu-check: install
+	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
+
+eval-res-sweep: install
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref_dir $(REF_DIR) --num $(NUM) --out $(OUT)/resolution $(SWEEP_ARGS)
+
+eval-ar-sweep: install
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref_dir $(REF_DIR) --num $(NUM) --out $(OUT)/aspect_ratio $(SWEEP_ARGS)
+
+clean:
+	rm -rf demo_out .pytest_cache

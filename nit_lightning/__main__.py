@@ -1,0 +1,49 @@
+"""`python -m nit_lightning <command> ...`: Lightning's fit/validate/test/predict plus the suite's own commands."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Commands of the suite other than Lightning's; each module exposes `main(argv: list[str]) -> int | None`.
+# Imported lazily so that `--help` of one command never pays for another's imports.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("nit_lightning.commands.synth", "write a procedural native-resolution image folder"),
+    "prepare": ("nit_lightning.commands.prepare", "encode an image folder into latent WebDataset shards"),
+    "sample": ("nit_lightning.commands.sample", "generate images from a checkpoint (PNG + ADM npz)"),
+    "reference": ("nit_lightning.commands.reference", "build or inspect ADM-format reference statistics"),
+    "evaluate": ("nit_lightning.commands.evaluate", "FID / sFID / IS / precision / recall of a sample set"),
+    "sweep": ("nit_lightning.commands.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
+    "featurenet": ("nit_lightning.commands.featurenet", "train the small demo feature network (Inception stand-in)"),
+    "demo": ("nit_lightning.commands.demo", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _usage() -> str:
+    lines = ["usage: python -m nit_lightning <command> [options]", "", "Lightning commands (LightningCLI):"]
+    lines += [f"  {name:<11} {name} with --config experiments/<name>.yaml" for name in LIGHTNING_COMMANDS]
+    lines += ["", "Suite commands:"]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `python -m nit_lightning <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command = argv[0]
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command][0])
+        return int(module.main(argv[1:]) or 0)
+    if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        from nit_lightning.training.cli import main as lightning_main
+
+        return int(lightning_main(argv) or 0)
+    print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

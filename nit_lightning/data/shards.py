@@ -1,0 +1,218 @@
+"""The latent shard format: WebDataset tars of (C, h, w) latents, a sidecar JSON per shard, an index per directory.
+
+One sample per source image, members sharing the key `<key>`:
+  <key>.latent.npy       (C, h, w) float16, or bfloat16 stored as uint16 bits (meta "dtype": "bfloat16")
+  <key>.latent_flip.npy  optional: the latent of the horizontally mirrored image, same shape and dtype
+  <key>.cls              class index as ASCII (the WebDataset convention)
+  <key>.json             {"cls", "orig_size": [H, W], "latent_hw": [h, w], "source", "dtype", "mode"}
+Beside every `<prefix>-%06d.tar` a `<prefix>-%06d.json` sidecar lists the shard's keys and token lengths (h·w), so a
+packer can plan packs from lengths alone. `index.json` merges the sidecars and adds the settings of the run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+INDEX_NAME = "index.json"
+LATENT_DTYPES = ("float16", "bfloat16")
+
+
+@dataclass
+class LatentSample:
+    """One decoded shard sample."""
+
+    key: str
+    latent: torch.Tensor  # (C, h, w) in the stored dtype
+    latent_flip: torch.Tensor | None
+    cls: int
+    meta: dict[str, Any]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.latent.shape[-2] * self.latent.shape[-1])
+
+
+class ShardFormatError(ValueError):
+    """A shard or sample that does not follow the format above."""
+
+
+def encode_latent(latent: torch.Tensor, dtype: str) -> bytes:
+    """(C, h, w) tensor -> .npy bytes in the storage dtype."""
+    if dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent dtype {dtype!r} is not one of {LATENT_DTYPES}")
+    latent = latent.detach().cpu()
+    if dtype == "float16":
+        array = latent.to(torch.float16).numpy()
+    else:  # numpy has no bfloat16: keep the raw 16 bits
+        array = latent.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_latent(data: bytes, dtype: str) -> torch.Tensor:
+    """.npy bytes -> (C, h, w) tensor in the stored dtype (float16 or bfloat16)."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim != 3:
+        raise ShardFormatError(f"latent must be (C, h, w), got shape {array.shape}")
+    if dtype == "float16":
+        if array.dtype != np.float16:
+            raise ShardFormatError(f"latent stored as {array.dtype}, index says float16")
+        return torch.from_numpy(array.copy())
+    if dtype == "bfloat16":
+        if array.dtype != np.uint16:
+            raise ShardFormatError(f"bfloat16 latent must be stored as uint16 bits, got {array.dtype}")
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    raise ShardFormatError(f"unknown latent dtype {dtype!r}")
+
+
+def sample_members(
+    key: str,
+    latent: torch.Tensor,
+    cls: int,
+    *,
+    dtype: str = "float16",
+    latent_flip: torch.Tensor | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, bytes]:
+    """The tar members (extension -> bytes) of one sample."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits keys on them)")
+    if latent.ndim != 3:
+        raise ValueError(f"latent must be (C, h, w), got {tuple(latent.shape)}")
+    if latent_flip is not None and latent_flip.shape != latent.shape:
+        raise ValueError(f"flipped latent {tuple(latent_flip.shape)} differs from latent {tuple(latent.shape)}")
+    info = dict(meta or {})
+    info.update(cls=int(cls), latent_hw=[int(latent.shape[1]), int(latent.shape[2])], dtype=dtype)
+    members = {"latent.npy": encode_latent(latent, dtype), "cls": str(int(cls)).encode(), "json": json.dumps(info).encode()}
+    if latent_flip is not None:
+        members["latent_flip.npy"] = encode_latent(latent_flip, dtype)
+    return members
+
+
+def decode_sample(key: str, members: dict[str, bytes]) -> LatentSample:
+    """Tar members of one key -> LatentSample; a missing or malformed member is a ShardFormatError naming the key."""
+    try:
+        meta = json.loads(members["json"])
+        dtype = meta.get("dtype", "float16")
+        latent = decode_latent(members["latent.npy"], dtype)
+        flip = decode_latent(members["latent_flip.npy"], dtype) if "latent_flip.npy" in members else None
+        cls = int(members["cls"]) if "cls" in members else int(meta["cls"])
+    except ShardFormatError as error:
+        raise ShardFormatError(f"sample {key!r}: {error}") from error
+    except (KeyError, ValueError, json.JSONDecodeError) as error:
+        raise ShardFormatError(f"sample {key!r} is malformed or incomplete: {error!r}") from error
+    if list(latent.shape[1:]) != list(meta.get("latent_hw", latent.shape[1:])):
+        raise ShardFormatError(f"sample {key!r}: latent {tuple(latent.shape)} disagrees with meta {meta['latent_hw']}")
+    return LatentSample(key=key, latent=latent, latent_flip=flip, cls=cls, meta=meta)
+
+
+def iter_tar_members(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) for consecutive members of a tar; raises tarfile.TarError when it is corrupt."""
+    current_key, current = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = os.path.basename(member.name)
+            key, _, extension = name.partition(".")
+            if key != current_key and current:
+                yield current_key, current
+                current = {}
+            current_key = key
+            handle = tar.extractfile(member)
+            current[extension] = handle.read() if handle is not None else b""
+    if current:
+        yield current_key, current
+
+
+class ShardWriter:
+    """Writes one shard atomically: members go to `<name>.tar.tmp`, renamed on close; the sidecar JSON last."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix != ".tar":
+            raise ValueError(f"shard path must end in .tar, got {self.path}")
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._tar = tarfile.open(self.tmp_path, "w")
+        self.keys: list[str] = []
+        self.lengths: list[int] = []
+
+    def write(self, key: str, members: dict[str, bytes], num_tokens: int) -> None:
+        now = time.time()
+        for extension, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size, info.mtime, info.mode = len(data), now, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.keys.append(key)
+        self.lengths.append(int(num_tokens))
+
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the tar, rename it into place, write the sidecar; returns the sidecar's content."""
+        self._tar.close()
+        os.replace(self.tmp_path, self.path)
+        sidecar = {"name": self.path.name, "num_samples": len(self.keys), "keys": self.keys, "lengths": self.lengths}
+        sidecar.update(extra or {})
+        write_json_atomic(sidecar_path(self.path), sidecar)
+        return sidecar
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def sidecar_path(shard_path: str | Path) -> Path:
+    shard_path = Path(shard_path)
+    return shard_path.with_suffix(".json")
+
+
+def shard_is_complete(shard_path: str | Path) -> bool:
+    """A shard counts as finished only when both the tar and its sidecar exist (the sidecar is written last)."""
+    return Path(shard_path).exists() and sidecar_path(shard_path).exists()
+
+
+def write_json_atomic(path: str | Path, content: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def build_index(directory: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the sidecars of a directory (sorted by name, never by listdir order) into `index.json`."""
+    directory = Path(directory)
+    shards = []
+    for tar_path in sorted(directory.glob("*.tar")):
+        if not sidecar_path(tar_path).exists():
+            raise ShardFormatError(f"shard {tar_path} has no sidecar {sidecar_path(tar_path).name}: it is unfinished")
+        shards.append(json.loads(sidecar_path(tar_path).read_text()))
+    histogram = Counter(length for shard in shards for length in shard["lengths"])
+    index = {
+        "num_samples": sum(shard["num_samples"] for shard in shards),
+        "num_shards": len(shards),
+        "length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+        "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths")} for shard in shards],
+    }
+    index.update(settings or {})
+    write_json_atomic(directory / INDEX_NAME, index)
+    return index
+
+
+def load_index(directory: str | Path) -> dict[str, Any]:
+    """Read `index.json`; a missing index is an error that says how to make one."""
+    path = Path(directory) / INDEX_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no {INDEX_NAME} in {directory}: run `python -m nit_lightning prepare` to write shards and their index"
+        )
+    return json.loads(path.read_text())
