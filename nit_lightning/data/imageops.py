@@ -1,0 +1,173 @@
+"""Image loading, RGB conversion and the resize rules of SPEC §4 (`native`, `fixed-S`), each reporting what it changed."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+MODES_HELP = "native | fixed-256 | fixed-512 (any fixed-S with S a multiple of the codec factor)"
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; `reason` is a short code counted in index.json ("unreadable", "too-small")."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class SizeChange:
+    """How an image's size was changed: original (H, W), final (H, W) and the operations, in order."""
+
+    orig_hw: tuple[int, int]
+    final_hw: tuple[int, int]
+    ops: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return "; ".join(self.ops) if self.ops else "unchanged"
+
+
+def default_max_area(multiple: int) -> int:
+    """Area above which `native` first rescales: 2048² for DC-AE f32, i.e. (64 latent pixels · factor)²."""
+    return (64 * multiple) ** 2
+
+
+def parse_mode(mode: str, multiple: int) -> tuple[str, int | None]:
+    """'native' -> ('native', None); 'fixed-256' -> ('fixed', 256); anything else is a clear error."""
+    if mode == "native":
+        return "native", None
+    match = re.fullmatch(r"fixed-(\d+)", mode)
+    if not match:
+        raise ValueError(f"mode {mode!r} is not one of {MODES_HELP}")
+    size = int(match.group(1))
+    if size <= 0 or size % multiple:
+        raise ValueError(f"mode {mode!r}: {size} is not a positive multiple of the codec factor {multiple}")
+    return "fixed", size
+
+
+def native_size(hw: tuple[int, int], multiple: int, max_area: int | None = None) -> tuple[tuple[int, int], list[str]]:
+    """Target (H, W) of the `native` rule and the operations that lead to it; pure arithmetic, no pixels."""
+    h, w = int(hw[0]), int(hw[1])
+    if h < multiple or w < multiple:
+        raise BadImage("too-small", f"{h}×{w} has a side under one multiple ({multiple}); it would need upscaling")
+    max_area = default_max_area(multiple) if max_area is None else int(max_area)
+    ops = []
+    if h * w >= max_area:
+        # Keep the aspect ratio: 3000×4000 at max 2048² -> scale √(2048²/12e6) = 0.5912 -> 1774×2365.
+        scale = math.sqrt(max_area / (h * w))
+        h2, w2 = max(1, round(h * scale)), max(1, round(w * scale))
+        if (h2, w2) != (h, w):
+            ops.append(f"area-rescale {h}x{w}->{h2}x{w2}")
+        h, w = h2, w2
+    # Down to a multiple, never up, except that a side squeezed under one multiple by the area rescale keeps one.
+    h3, w3 = max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
+    if (h3, w3) != (h, w):
+        ops.append(f"resize-to-multiple-of-{multiple} {h}x{w}->{h3}x{w3}")
+    return (h3, w3), ops
+
+
+def resize_native(image: Image.Image, multiple: int, max_area: int | None = None) -> tuple[Image.Image, SizeChange]:
+    """`native`: each side down to a multiple (never cropped), after an area cap; one bicubic resize to the final size."""
+    orig_hw = (image.height, image.width)
+    (h, w), ops = native_size(orig_hw, multiple, max_area)
+    # The area rescale and the rounding to a multiple are composed into a single bicubic resample: same geometry,
+    # one interpolation instead of two.
+    if (h, w) != orig_hw:
+        image = image.resize((w, h), Image.BICUBIC)
+    return image, SizeChange(orig_hw, (h, w), ops)
+
+
+def center_crop_adm(image: Image.Image, size: int, multiple: int = 1) -> tuple[Image.Image, SizeChange]:
+    """`fixed-S` (ADM): box-halve while the short side ≥ 2S, bicubic-resize the short side to S, centre-crop S×S."""
+    orig_hw = (image.height, image.width)
+    if min(orig_hw) < multiple:
+        raise BadImage("too-small", f"{orig_hw[0]}×{orig_hw[1]} has a side under one multiple ({multiple})")
+    ops = []
+    while min(image.size) >= 2 * size:
+        before = (image.height, image.width)
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+        ops.append(f"box-halve {before[0]}x{before[1]}->{image.height}x{image.width}")
+    scale = size / min(image.size)
+    target = tuple(round(side * scale) for side in image.size)  # (W, H); the short side becomes exactly S
+    if target != image.size:
+        ops.append(f"bicubic-short-side-to-{size} {image.height}x{image.width}->{target[1]}x{target[0]}")
+        image = image.resize(target, resample=Image.BICUBIC)
+    top, left = (image.height - size) // 2, (image.width - size) // 2
+    if (image.height, image.width) != (size, size):
+        ops.append(f"centre-crop {image.height}x{image.width}->{size}x{size} at ({top}, {left})")
+        image = image.crop((left, top, left + size, top + size))
+    return image, SizeChange(orig_hw, (size, size), ops)
+
+
+def apply_mode(image: Image.Image, mode: str, multiple: int, max_area: int | None = None) -> tuple[Image.Image, SizeChange]:
+    """Dispatch on 'native' / 'fixed-S'."""
+    kind, size = parse_mode(mode, multiple)
+    if kind == "native":
+        return resize_native(image, multiple, max_area)
+    return center_crop_adm(image, size, multiple)
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """Any PIL mode -> RGB; returns the conversion's reason code or None when already RGB. Alpha goes on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        if not has_alpha:
+            return image, "palette"
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), "alpha"
+    if mode == "CMYK":
+        return image.convert("RGB"), "cmyk"
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: PIL's convert("RGB") would clip at 255; map 0..65535 -> 0..255 (÷257) instead.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        grey = np.clip(np.rint(array * 255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB"), "greyscale-16bit"
+    if mode == "F":
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB"), "greyscale-float"
+    if mode in ("L", "1"):
+        return image.convert("RGB"), "greyscale"
+    return image.convert("RGB"), f"mode-{mode}"
+
+
+def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """Open and fully decode an image as RGB; returns the conversions applied. Any failure is a BadImage('unreadable')."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: truncated or corrupt data fails here, not later
+            transposed = ImageOps.exif_transpose(opened)
+            image = transposed if transposed is not None else opened.copy()
+            rotated = image is not opened and opened.getexif().get(0x0112, 1) not in (1, None)
+            image, reason = to_rgb(image)
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as error:
+        raise BadImage("unreadable", f"{type(error).__name__}: {error}") from error
+    conversions = ([reason] if reason else []) + (["exif-orientation"] if rotated else [])
+    return image, conversions
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]: x = uint8 / 127.5 − 1."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+
+
+def tensor_to_uint8(x_3HW: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, rounding to nearest: round((x + 1) · 127.5), clipped to 0..255."""
+    return torch.clamp(torch.round((x_3HW.float() + 1.0) * 127.5), 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

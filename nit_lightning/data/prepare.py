@@ -1,0 +1,371 @@
+"""Images -> latent shards (SPEC §4): sorted listing, fixed image->shard plan, resumable, rank- and process-parallel."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nit_lightning.data.codecs import Codec, codec_from_spec
+from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, load_rgb, parse_mode
+from nit_lightning.data.shards import (
+    LATENT_DTYPES,
+    ShardFormatError,
+    ShardWriter,
+    build_index,
+    sample_members,
+    shard_is_complete,
+    sidecar_path,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
+PLAN_NAME = "prepare.json"
+CLASSES_NAME = "classes.json"
+
+
+@dataclass
+class PrepareSettings:
+    """Options of `python -m nit_lightning prepare`; those marked (bytes) decide the shards' content."""
+
+    input: str
+    output: str
+    mode: str = "native"  # (bytes) native | fixed-256 | fixed-512
+    codec: str = "pixel:8"  # (bytes) pixel:F | dcae:PATH_OR_ID
+    codec_dtype: str = "float32"  # (bytes) compute dtype of DC-AE
+    labels: str | None = None  # flat folder + "filename<TAB or comma>class" file
+    flip: bool = False  # (bytes) also store the latent of the mirrored image
+    samples_per_shard: int = 1000  # (bytes) the image -> shard plan
+    num_workers: int = 0  # processes over shards (0: in this process)
+    dtype: str = "float16"  # (bytes) storage dtype of latents
+    device: str = "cpu"
+    prefix: str = "shard"
+    batch_size: int = 16  # images decoded + encoded at once (equal sizes share a codec call)
+    max_area: int | None = None  # (bytes) native area cap; None: (64·factor)², 2048² for DC-AE
+
+
+@dataclass
+class Listing:
+    """The sorted work list: (relative path, class) per image, class names, and what was left out at listing time."""
+
+    items: list[tuple[str, int]]
+    classes: list[str]
+    skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder
+    ignored: list[str]  # files that are not images by extension (e.g. synth.json)
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _sorted_files(directory: Path) -> list[Path]:
+    """All files under a directory, sorted by their POSIX relative path (never listdir order)."""
+    return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix())
+
+
+def read_labels(labels_file: str | Path) -> dict[str, str]:
+    """`filename<TAB or comma>class` per line ('#' comments and blank lines allowed) -> {filename: class}."""
+    labels: dict[str, str] = {}
+    for number, raw in enumerate(Path(labels_file).read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, cls = line.partition("\t") if "\t" in line else line.rpartition(",")
+        if not sep or not name.strip() or not cls.strip():
+            raise ValueError(f"{labels_file}:{number}: {raw!r} is not 'filename<TAB or comma>class'")
+        name, cls = name.strip(), cls.strip()
+        if labels.get(name, cls) != cls:
+            raise ValueError(f"{labels_file}:{number}: {name!r} has two labels, {labels[name]!r} and {cls!r}")
+        labels[name] = cls
+    return labels
+
+
+def list_images(input_dir: str | Path, labels_file: str | Path | None = None) -> Listing:
+    """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {root} is not a directory")
+    files = _sorted_files(root)
+    skipped: list[dict[str, str]] = []
+    ignored = [p.relative_to(root).as_posix() for p in files if not _is_image(p)]
+    images = [p for p in files if _is_image(p)]
+    if labels_file is not None:
+        labels = read_labels(labels_file)
+        names = [str(v) for v in labels.values()]
+        if all(n.lstrip("-").isdigit() for n in names):  # integer labels are used as given
+            if any(int(n) < 0 for n in names):
+                raise ValueError(f"labels file {labels_file} has a negative class index")
+            classes = [str(i) for i in range(max((int(n) for n in names), default=-1) + 1)]
+            index = {n: int(n) for n in names}
+        else:  # class names: index = position among the sorted names, as for folders
+            classes = sorted(set(names))
+            index = {n: i for i, n in enumerate(classes)}
+        items = []
+        present = set()
+        for path in images:
+            rel = path.relative_to(root).as_posix()
+            name = rel if rel in labels else path.name
+            present.add(name)
+            if name in labels:
+                items.append((rel, index[labels[name]]))
+            else:
+                skipped.append({"source": rel, "reason": "no-label", "detail": f"not in {labels_file}"})
+        for name in sorted(set(labels) - present):
+            skipped.append({"source": name, "reason": "missing-file", "detail": f"listed in {labels_file}, not in {root}"})
+        return Listing(items, classes, skipped, ignored)
+    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{root} has no class sub-folders; for a flat folder pass --labels FILE (filename<TAB>class)")
+    class_index = {name: i for i, name in enumerate(class_dirs)}
+    items = []
+    for path in images:
+        rel = path.relative_to(root)
+        if len(rel.parts) == 1:
+            skipped.append({"source": rel.as_posix(), "reason": "no-class-folder", "detail": "image at the top level"})
+            continue
+        items.append((rel.as_posix(), class_index[rel.parts[0]]))
+    return Listing(items, class_dirs, skipped, ignored)
+
+
+def shard_name(prefix: str, shard_id: int) -> str:
+    return f"{prefix}-{shard_id:06d}.tar"
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """(rank, world, local rank) from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); else (0, 1, 0)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        return 0, 1, 0
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, world size {world}); check RANK/WORLD_SIZE or SLURM_PROCID/NTASKS")
+    return rank, world, local
+
+
+def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
+    """What decides the bytes of every shard; a resumed run must match it exactly."""
+    return {
+        "codec": codec.describe(), "mode": settings.mode, "dtype": settings.dtype, "flip": settings.flip,
+        "samples_per_shard": settings.samples_per_shard, "max_area": settings.max_area, "prefix": settings.prefix,
+        "num_items": len(listing.items), "listing_sha1": listing.digest(),
+    }
+
+
+def encode_shard(
+    shard_id: int, items: list[tuple[int, str, int]], settings: PrepareSettings, codec: Codec, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
+    """Write one shard of (global index, relative path, class) items; bad images are skipped and recorded, not raised."""
+    root, out = Path(settings.input), Path(settings.output)
+    writer = ShardWriter(out / shard_name(settings.prefix, shard_id))
+    skipped, converted, resized = [], [], Counter()
+    try:
+        for start in range(0, len(items), settings.batch_size):
+            ready = []  # (index, rel, cls, meta, x_3HW)
+            for index, rel, cls in items[start : start + settings.batch_size]:
+                try:
+                    image, conversions = load_rgb(root / rel)
+                    image, change = apply_mode(image, settings.mode, codec.factor, settings.max_area)
+                except BadImage as error:
+                    skipped.append({"source": rel, "reason": error.reason, "detail": error.detail})
+                    log.warning("skipped %s (%s: %s)", rel, error.reason, error.detail)
+                    continue
+                if conversions:
+                    converted.append({"source": rel, "reasons": conversions})
+                resized.update([op.split(" ")[0] for op in change.ops] or ["unchanged"])
+                meta = {"source": rel, "orig_size": list(change.orig_hw), "mode": settings.mode,
+                        "resize": change.describe(), "converted": conversions}
+                ready.append((index, rel, cls, meta, image_to_tensor(image)))
+            images = [entry[4] for entry in ready]
+            if settings.flip:  # the mirror of the resized image, so that both latents share one geometry
+                images += [torch.flip(x, dims=[-1]) for x in images]
+            latents = codec.encode_list(images, max_batch=settings.batch_size) if images else []
+            for j, (index, rel, cls, meta, _) in enumerate(ready):
+                latent = latents[j].cpu()
+                flip = latents[len(ready) + j].cpu() if settings.flip else None
+                if not torch.isfinite(latent).all() or (flip is not None and not torch.isfinite(flip).all()):
+                    skipped.append({"source": rel, "reason": "non-finite-latent", "detail": "codec output has NaN/Inf"})
+                    log.warning("skipped %s (non-finite latent)", rel)
+                    continue
+                members = sample_members(f"{index:08d}", latent, cls, dtype=settings.dtype, latent_flip=flip, meta=meta)
+                writer.write(f"{index:08d}", members, int(latent.shape[1] * latent.shape[2]))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(extra={"skipped": skipped, "converted": converted, "resized": dict(sorted(resized.items())),
+                               "first_index": items[0][0] if items else None, "prepare": fingerprint})
+
+
+def _plan(listing: Listing, samples_per_shard: int) -> list[list[tuple[int, str, int]]]:
+    """Image i goes to shard i // samples_per_shard: fixed by the sorted listing, so resuming is exact."""
+    numbered = [(i, rel, cls) for i, (rel, cls) in enumerate(listing.items)]
+    return [numbered[s : s + samples_per_shard] for s in range(0, len(numbered), samples_per_shard)]
+
+
+# Worker processes: one codec each, built once by the pool initializer.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(settings: PrepareSettings, fingerprint: dict[str, Any], threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER.update(settings=settings, fingerprint=fingerprint,
+                   codec=codec_from_spec(settings.codec, settings.codec_dtype, settings.device))
+
+
+def _worker_shard(task: tuple[int, list[tuple[int, str, int]]]) -> tuple[int, str | None, float]:
+    shard_id, items = task
+    start = time.perf_counter()
+    try:
+        encode_shard(shard_id, items, _WORKER["settings"], _WORKER["codec"], _WORKER["fingerprint"])
+        return shard_id, None, time.perf_counter() - start
+    except Exception as error:  # reported by the parent; the shard stays unfinished and a rerun redoes it
+        return shard_id, f"{type(error).__name__}: {error}", time.perf_counter() - start
+
+
+def _device_for_rank(device: str, local_rank: int) -> str:
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
+    """Encode this rank's unfinished shards; write index.json when every shard of the plan is complete."""
+    if settings.dtype not in LATENT_DTYPES:
+        raise ValueError(f"--dtype {settings.dtype!r} is not one of {LATENT_DTYPES}")
+    if settings.samples_per_shard < 1 or settings.batch_size < 1:
+        raise ValueError(
+            f"samples_per_shard {settings.samples_per_shard} and batch_size {settings.batch_size} must be ≥ 1"
+        )
+    rank, world, local_rank = rank_and_world()
+    settings.device = _device_for_rank(settings.device, local_rank)
+    codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
+    parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
+    listing = list_images(settings.input, settings.labels)
+    if not listing.items:
+        raise ValueError(
+            f"no usable images in {settings.input} "
+            f"({len(listing.skipped)} skipped, {len(listing.ignored)} non-image files)"
+        )
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(settings, codec, listing)
+    plan = _plan(listing, settings.samples_per_shard)
+    _check_existing(out, settings.prefix, fingerprint, len(plan))
+    # Every rank writes the same two files (atomic replace), so no rank waits for another.
+    write_json_atomic(out / CLASSES_NAME, listing.classes)
+    write_json_atomic(out / PLAN_NAME, {"settings": asdict(settings), "fingerprint": fingerprint,
+                                        "num_shards": len(plan), "num_classes": len(listing.classes),
+                                        "listing_skipped": listing.skipped, "ignored_files": listing.ignored})
+    for entry in listing.skipped:
+        log.warning("skipped %s (%s: %s)", entry["source"], entry["reason"], entry["detail"])
+    mine = [s for s in range(len(plan)) if s % world == rank]
+    todo = [s for s in mine if not shard_is_complete(out / shard_name(settings.prefix, s))]
+    log.info("rank %d/%d: %d shards of %d are mine, %d already complete, %d to encode", rank, world, len(mine),
+             len(plan), len(mine) - len(todo), len(todo))
+    failed = _encode_all(todo, plan, settings, codec, fingerprint)
+    complete = all(shard_is_complete(out / shard_name(settings.prefix, s)) for s in range(len(plan)))
+    index = reindex(out) if complete else None
+    if not complete:
+        log.info("not every shard is finished yet: the last rank to finish writes index.json (or run `prepare --reindex`)")
+    return {"rank": rank, "world": world, "num_shards": len(plan), "encoded": len(todo) - len(failed),
+            "already_complete": len(mine) - len(todo), "failed": failed, "index": index}
+
+
+def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint) -> dict[int, str]:
+    """Encode shards in this process or a spawn pool; a failing shard is reported and left unfinished, never fatal."""
+    failed: dict[int, str] = {}
+    if settings.num_workers <= 1 or len(todo) <= 1:
+        for s in todo:
+            start = time.perf_counter()
+            try:
+                sidecar = encode_shard(s, plan[s], settings, codec, fingerprint)
+            except Exception as error:
+                failed[s] = f"{type(error).__name__}: {error}"
+                log.error("shard %d failed: %s (rerun prepare to retry it)", s, failed[s])
+                continue
+            log.info("shard %d: %d written, %d skipped, %.1f s", s, sidecar["num_samples"], len(sidecar["skipped"]),
+                     time.perf_counter() - start)
+        return failed
+    workers = min(settings.num_workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)  # 16 cores / 4 workers = 4 intra-op threads each
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads / CUDA
+    with context.Pool(workers, initializer=_worker_init, initargs=(settings, fingerprint, threads)) as pool:
+        for s, error, seconds in pool.imap_unordered(_worker_shard, [(s, plan[s]) for s in todo]):
+            if error is not None:
+                failed[s] = error
+                log.error("shard %d failed: %s (rerun prepare to retry it)", s, error)
+            else:
+                log.info("shard %d done in %.1f s", s, seconds)
+    return failed
+
+
+def _check_existing(out: Path, prefix: str, fingerprint: dict[str, Any], num_shards: int) -> None:
+    """Finished shards must come from the same settings and listing, and no shard may lie outside the plan."""
+    for tar in sorted(out.glob(f"{prefix}-" + "[0-9]" * 6 + ".tar")):
+        if not shard_is_complete(tar):
+            continue
+        recorded = json.loads(sidecar_path(tar).read_text()).get("prepare")
+        if recorded != fingerprint:
+            changed = sorted(k for k in fingerprint if (recorded or {}).get(k) != fingerprint[k])
+            raise ValueError(
+                f"{tar} was written with other settings or another image listing (differs in {changed}); "
+                f"use a new --output directory, or delete the old shards to re-encode"
+            )
+        shard_id = int(tar.stem.rsplit("-", 1)[-1])
+        if shard_id >= num_shards:
+            raise ValueError(f"{tar} lies outside the plan of {num_shards} shards; delete it or use a new --output")
+
+
+def reindex(output: str | Path) -> dict[str, Any]:
+    """Merge the sidecars into index.json with the run's settings and the counts of skipped/converted images."""
+    out = Path(output)
+    plan_path = out / PLAN_NAME
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{plan_path} is missing: {out} was not written by `prepare`")
+    plan = json.loads(plan_path.read_text())
+    fingerprint, num_shards = plan["fingerprint"], plan["num_shards"]
+    prefix = fingerprint["prefix"]
+    missing = [shard_name(prefix, s) for s in range(num_shards) if not shard_is_complete(out / shard_name(prefix, s))]
+    if missing:
+        raise ShardFormatError(f"{len(missing)} of {num_shards} shards are unfinished ({missing[:5]}...): rerun prepare")
+    skipped, converted, resized, written = list(plan["listing_skipped"]), [], Counter(), 0
+    for s in range(num_shards):
+        sidecar = json.loads(sidecar_path(out / shard_name(prefix, s)).read_text())
+        written += sidecar["num_samples"]
+        if sidecar.get("prepare") != fingerprint:
+            raise ShardFormatError(f"{shard_name(prefix, s)} was written with other settings than {PLAN_NAME}")
+        skipped += sidecar["skipped"]
+        converted += sidecar["converted"]
+        resized.update(sidecar["resized"])
+    codec = fingerprint["codec"]
+    settings = {
+        "codec": codec, "latent_channels": codec["latent_channels"], "factor": codec["factor"],
+        "mode": fingerprint["mode"], "dtype": fingerprint["dtype"], "flip": fingerprint["flip"],
+        "samples_per_shard": fingerprint["samples_per_shard"], "num_classes": plan["num_classes"],
+        "source": plan["settings"]["input"],
+        "counts": {
+            "listed": fingerprint["num_items"] + len(plan["listing_skipped"]),
+            "written": written,
+            "skipped": dict(sorted(Counter(e["reason"] for e in skipped).items())),
+            "converted": dict(sorted(Counter(r for e in converted for r in e["reasons"]).items())),
+            "resized": dict(sorted(resized.items())),
+            "ignored_files": len(plan["ignored_files"]),
+        },
+        "skipped": skipped, "converted": converted, "ignored_files": plan["ignored_files"],
+    }
+    if written + len(skipped) != settings["counts"]["listed"]:  # every listed file is written or skipped, once
+        raise ShardFormatError(f"{written} written + {len(skipped)} skipped != {settings['counts']['listed']} listed")
+    return build_index(out, settings)

@@ -1,0 +1,281 @@
+"""prepare: resize rules with exact sizes, broken inputs counted, every good image once, resume, ranks, labels, flip."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nit_lightning.commands.prepare import main as prepare_main
+from nit_lightning.data.codecs import PixelCodec
+from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
+from nit_lightning.data.prepare import PrepareSettings, list_images, run_prepare
+from nit_lightning.data.shards import decode_sample, iter_tar_members, load_index
+from nit_lightning.data.synthetic import SynthSettings, write_synthetic
+
+
+# ---- resize rules (pure geometry, exact sizes) ----
+
+def test_native_sizes_exact():
+    assert native_size((100, 50), 32) == ((96, 32), ["resize-to-multiple-of-32 100x50->96x32"])
+    assert native_size((64, 96), 32) == ((64, 96), [])
+    # 3000×4000 = 12e6 px ≥ 2048²: scale √(4194304/12e6) = 0.59121 -> 1774×2365 -> down to 1760×2336.
+    size, ops = native_size((3000, 4000), 32)
+    assert size == (1760, 2336) and ops[0] == "area-rescale 3000x4000->1774x2365"
+    assert native_size((2048, 2048), 32)[0] == (2048, 2048)  # area exactly 2048²: scale 1
+    # 200000×40: the area rescale (×0.7241) squeezes 40 to 29 < 32: that side keeps one multiple.
+    assert native_size((200000, 40), 32)[0] == (144800, 32)
+    assert native_size((300, 200), 8, max_area=100 * 100)[0] == (120, 80)  # 122.5×81.6 -> 122×82 -> 120×80
+    with pytest.raises(BadImage, match="16×40 has a side under one multiple"):
+        native_size((16, 40), 32)
+    image, change = resize_native(Image.new("RGB", (50, 100)), 32)
+    assert image.size == (32, 96) and change.final_hw == (96, 32) and change.orig_hw == (100, 50)
+
+
+@pytest.mark.parametrize(
+    "hw, size, final_ops",
+    [
+        ((500, 375), 256, ["bicubic-short-side-to-256 500x375->341x256", "centre-crop 341x256->256x256 at (42, 0)"]),
+        ((1200, 1600), 256, ["box-halve 1200x1600->600x800", "box-halve 600x800->300x400",
+                             "bicubic-short-side-to-256 300x400->256x341", "centre-crop 256x341->256x256 at (0, 42)"]),
+        ((1024, 1024), 512, ["box-halve 1024x1024->512x512"]),
+        ((128, 96), 256, ["bicubic-short-side-to-256 128x96->341x256", "centre-crop 341x256->256x256 at (42, 0)"]),
+    ],
+)
+def test_fixed_adm_centre_crop_exact(hw, size, final_ops):
+    image, change = center_crop_adm(Image.new("RGB", (hw[1], hw[0])), size, multiple=32)
+    assert image.size == (size, size) and change.final_hw == (size, size) and change.ops == final_ops
+    # Token counts with a factor-32 codec: 256² -> 8×8 = 64 tokens, 512² -> 16×16 = 256 tokens.
+    assert (size // 32) ** 2 == {256: 64, 512: 256}[size]
+
+
+def test_to_rgb_conversions():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert to_rgb(rgba)[0].getpixel((0, 0)) == (255, 255, 255) and to_rgb(rgba)[1] == "alpha"
+    assert to_rgb(Image.new("CMYK", (4, 4)))[1] == "cmyk"
+    assert to_rgb(Image.new("L", (4, 4), 7)) [0].getpixel((1, 1)) == (7, 7, 7)
+    grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert to_rgb(grey16)[0].getpixel((0, 0)) == (255, 255, 255) and to_rgb(grey16)[1] == "greyscale-16bit"
+    assert to_rgb(Image.new("P", (4, 4)))[1] == "palette"
+
+
+# ---- prepare on a folder with broken files ----
+
+GOOD = 12
+BROKEN = {  # file -> how prepare must count it
+    "c001-ring-1/truncated.png": ("skipped", "unreadable"),
+    "c001-ring-1/text.jpg": ("skipped", "unreadable"),
+    "c002-stripes-2/tiny.png": ("skipped", "too-small"),
+    "c000-disc-0/cmyk.jpg": ("converted", "cmyk"),
+    "c000-disc-0/grey.png": ("converted", "greyscale"),
+    "c002-stripes-2/rgba.png": ("converted", "alpha"),
+}
+
+
+def _make_folder(root: Path) -> Path:
+    write_synthetic(SynthSettings(out=str(root), num_images=GOOD, num_classes=3, min_side=32, max_side=96, seed=0))
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(png, "PNG")
+    (root / "c001-ring-1/truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (root / "c001-ring-1/text.jpg").write_text("this is not a JPEG")
+    Image.new("RGB", (40, 16), (1, 2, 3)).save(root / "c002-stripes-2/tiny.png")
+    Image.new("CMYK", (64, 40), (0, 255, 255, 0)).save(root / "c000-disc-0/cmyk.jpg", quality=95)
+    Image.new("L", (33, 70), 90).save(root / "c000-disc-0/grey.png")
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[:, 32:] = (0, 0, 255, 255)  # left half transparent (-> white), right half opaque blue
+    Image.fromarray(rgba, "RGBA").save(root / "c002-stripes-2/rgba.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _make_folder(tmp_path_factory.mktemp("images"))
+
+
+def _settings(folder: Path, out: Path, **overrides) -> PrepareSettings:
+    base = dict(input=str(folder), output=str(out), mode="native", codec="pixel:32", samples_per_shard=4,
+                flip=True, batch_size=3)
+    return PrepareSettings(**dict(base, **overrides))
+
+
+def _samples(out: Path) -> list:
+    return [decode_sample(k, m) for tar in sorted(out.glob("*.tar")) for k, m in iter_tar_members(tar)]
+
+
+def _members(tar: Path) -> list:
+    return list(iter_tar_members(tar))
+
+
+@pytest.fixture(scope="module")
+def prepared(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    result = run_prepare(_settings(folder, out))
+    return out, result
+
+
+def test_counts_every_good_image_once(folder, prepared):
+    out, result = prepared
+    index = load_index(out)
+    counts = index["counts"]
+    assert counts["listed"] == GOOD + len(BROKEN) and counts["written"] == GOOD + 3
+    assert counts["skipped"] == {"too-small": 1, "unreadable": 2}
+    assert counts["converted"] == {"alpha": 1, "cmyk": 1, "greyscale": 1}
+    assert counts["ignored_files"] == 1 and index["ignored_files"] == ["synth.json"]
+    assert {e["source"]: e["reason"] for e in index["skipped"]} == {
+        k: r for k, (kind, r) in BROKEN.items() if kind == "skipped"}
+    samples = _samples(out)
+    keys = [s.key for s in samples]
+    assert len(keys) == len(set(keys)) == index["num_samples"] == GOOD + 3
+    good = {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")} | {"c000-disc-0/cmyk.jpg"}
+    good -= {k for k, (kind, _) in BROKEN.items() if kind == "skipped"}
+    assert sorted(s.meta["source"] for s in samples) == sorted(good)
+    classes = json.loads((out / "classes.json").read_text())
+    assert all(classes[s.cls] == s.meta["source"].split("/")[0] for s in samples)
+    assert index["codec"] == PixelCodec(32).describe() and index["latent_channels"] == 3072
+    assert index["num_shards"] == 5 and result["encoded"] == 5  # 18 listed / 4 per shard
+    assert sum(index["length_histogram"].values()) == GOOD + 3
+
+
+def test_native_sizes_and_conversions_in_shards(prepared):
+    out, _ = prepared
+    for sample in _samples(out):
+        h, w = sample.meta["orig_size"]
+        assert tuple(32 * s for s in sample.meta["latent_hw"]) == native_size((h, w), 32)[0]
+        assert sample.latent.dtype == torch.float16
+        if sample.meta["source"].endswith("rgba.png"):
+            image = PixelCodec(32).decode(sample.latent[None].float())[0]  # (3, 64, 64)
+            assert torch.allclose(image[:, :, :32], torch.ones(3, 64, 32))  # transparent -> white
+            assert torch.allclose(image[:, :, 32:], torch.tensor([-1.0, -1.0, 1.0])[:, None, None].expand(3, 64, 32))
+            assert sample.meta["converted"] == ["alpha"]
+
+
+def test_flip_latent_is_the_codec_of_the_mirrored_image(prepared):
+    out, _ = prepared
+    codec = PixelCodec(32)
+    for sample in _samples(out):
+        image = codec.decode(sample.latent[None].float())
+        mirrored = codec.encode(torch.flip(image, dims=[-1]))[0].to(torch.float16)
+        assert torch.equal(sample.latent_flip, mirrored)
+
+
+def test_resume_redoes_only_the_missing_shard(folder, prepared):
+    out, _ = prepared
+    before = {p.name: (_members(p), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
+    index_before = load_index(out)
+    (out / "shard-000002.tar").unlink()
+    (out / "shard-000002.json").unlink()
+    result = run_prepare(_settings(folder, out))
+    assert result["encoded"] == 1 and result["already_complete"] == 4
+    after = {p.name: (_members(p), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
+    assert all(after[n][0] == before[n][0] for n in before)  # same members, same bytes per member
+    assert all(after[n][1] == before[n][1] for n in before if n != "shard-000002.tar")  # others untouched
+    assert load_index(out) == index_before
+    again = run_prepare(_settings(folder, out))
+    assert again["encoded"] == 0 and again["already_complete"] == 5
+
+
+def test_other_settings_on_the_same_output_are_refused(folder, prepared):
+    out, _ = prepared
+    with pytest.raises(ValueError, match=r"other settings.*\['dtype'\]"):
+        run_prepare(_settings(folder, out, dtype="bfloat16"))
+
+
+def test_rank_sharding_matches_single_run(folder, prepared, tmp_path, monkeypatch):
+    out, _ = prepared
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    first = run_prepare(_settings(folder, tmp_path))
+    assert first["encoded"] == 2 and first["index"] is None  # shards 1, 3; rank 0 not done yet
+    monkeypatch.setenv("RANK", "0")
+    last = run_prepare(_settings(folder, tmp_path))
+    assert last["encoded"] == 3 and last["index"] is not None  # shards 0, 2, 4; the last one writes the index
+    for tar in sorted(out.glob("*.tar")):
+        assert _members(tmp_path / tar.name) == _members(tar)
+    drop = ("source",)
+    assert {k: v for k, v in load_index(tmp_path).items() if k not in drop} == \
+        {k: v for k, v in load_index(out).items() if k not in drop}
+
+
+def test_fixed_256_gives_64_tokens_and_command_line(folder, tmp_path):
+    code = prepare_main(["--input", str(folder), "--output", str(tmp_path), "--mode", "fixed-256", "--codec",
+                         "pixel:32", "--samples-per-shard", "10", "--dtype", "bfloat16"])
+    assert code == 0
+    index = load_index(tmp_path)
+    assert index["length_histogram"] == {"64": GOOD + 3} and index["mode"] == "fixed-256"
+    assert index["counts"]["skipped"] == {"too-small": 1, "unreadable": 2}
+    sample = _samples(tmp_path)[0]
+    assert sample.latent.dtype == torch.bfloat16 and sample.latent.shape == (3072, 8, 8)
+    assert prepare_main(["--output", str(tmp_path), "--reindex"]) == 0
+    assert load_index(tmp_path) == index
+    assert prepare_main(["--input", str(folder), "--output", str(tmp_path / "x"), "--mode", "fixed-100",
+                         "--codec", "pixel:32"]) == 2
+
+
+def test_flat_folder_with_labels_file(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]):
+        Image.new("RGB", (48, 40), colour).save(flat / f"img{i}.png")
+    (tmp_path / "labels.txt").write_text("# file\tclass\nimg0.png\tzebra\nimg1.png,apple\nimg2.png\tzebra\n"
+                                         "gone.png\tapple\n")
+    listing = list_images(flat, tmp_path / "labels.txt")
+    assert listing.items == [("img0.png", 1), ("img1.png", 0), ("img2.png", 1)] and listing.classes == ["apple", "zebra"]
+    out = tmp_path / "out"
+    run_prepare(PrepareSettings(input=str(flat), output=str(out), labels=str(tmp_path / "labels.txt"), codec="pixel:8"))
+    index = load_index(out)
+    assert index["counts"]["skipped"] == {"missing-file": 1, "no-label": 1} and index["num_samples"] == 3
+    assert json.loads((out / "classes.json").read_text()) == ["apple", "zebra"]
+    assert {s.meta["source"]: s.cls for s in _samples(out)} == {"img0.png": 1, "img1.png": 0, "img2.png": 1}
+    assert _samples(out)[0].latent.shape == (192, 5, 6)  # 40×48 at factor 8
+
+
+def test_folder_without_classes_needs_labels(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="no class sub-folders; for a flat folder pass --labels"):
+        list_images(tmp_path)
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_shards(folder, prepared, tmp_path):
+    out, _ = prepared
+    result = run_prepare(_settings(folder, tmp_path, num_workers=2))
+    assert result["encoded"] == 5 and not result["failed"]
+    for tar in sorted(out.glob("*.tar")):
+        assert _members(tmp_path / tar.name) == _members(tar)
+
+
+def test_a_failing_shard_is_reported_and_the_rest_finish(folder, tmp_path, monkeypatch):
+    import nit_lightning.data.prepare as prepare_module
+
+    real = prepare_module.encode_shard
+
+    def flaky(shard_id, *args):
+        if shard_id == 1:
+            raise RuntimeError("simulated out-of-memory")
+        return real(shard_id, *args)
+
+    monkeypatch.setattr(prepare_module, "encode_shard", flaky)
+    result = run_prepare(_settings(folder, tmp_path))
+    assert list(result["failed"]) == [1] and "simulated out-of-memory" in result["failed"][1]
+    assert result["encoded"] == 4 and result["index"] is None and not (tmp_path / "index.json").exists()
+    assert not list(tmp_path.glob("*.tmp"))  # the failed shard left nothing half-written
+    monkeypatch.setattr(prepare_module, "encode_shard", real)
+    again = run_prepare(_settings(folder, tmp_path))
+    assert again["encoded"] == 1 and load_index(tmp_path)["num_samples"] == GOOD + 3
+
+
+def test_exif_orientation_is_applied_and_counted(tmp_path):
+    from nit_lightning.data.imageops import load_rgb
+
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    loaded, conversions = load_rgb(tmp_path / "rotated.jpg")
+    assert loaded.size == (20, 40) and conversions == ["exif-orientation"]
+    Image.new("RGB", (40, 20)).save(tmp_path / "plain.jpg")
+    assert load_rgb(tmp_path / "plain.jpg")[1] == []
