@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/attention.py
 	$(PY) bench/packing.py
 	$(PY) bench/train_step.py
+	$(PY) bench/sampling.py
 
 gpu-check: install
 	$(PY) bench/gpu_check.py --out outputs/gpu_check.json

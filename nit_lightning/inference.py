@@ -1,0 +1,198 @@
+"""Load a generator (net + codec + meta) from a Lightning checkpoint or official safetensors; packed model_fn; decode."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nit_lightning.data.codecs import Codec, codec_from_description, codec_from_spec
+from nit_lightning.models import NiT, NiTConfig, build_nit, load_official_checkpoint
+from nit_lightning.models.patching import unpack_latents
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Generator:
+    """A network ready to sample (eval, no grad), the codec that decodes its latents, and where they came from."""
+
+    net: NiT
+    codec: Codec
+    meta: dict[str, Any] = field(default_factory=dict)  # net_config, codec, patch_size, latent_channels, source, weights
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sides must be multiples of codec factor × patch size (32 × 1 for DC-AE f32 and NiT)."""
+        return int(self.codec.factor) * int(self.net.config.patch_size)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.net.config.token_dim)
+
+    def model_fn(self, precision: str = "fp32") -> "NetModelFn":
+        return NetModelFn(self.net, precision)
+
+    @torch.no_grad()
+    def decode(self, x_ND: torch.Tensor, hw: torch.Tensor, max_batch: int = 16) -> list[torch.Tensor]:
+        """Packed tokens (N, C·p·p) + grids (B, 2) -> uint8 images (3, H, W) on CPU; decoded per size, max_batch at once.
+
+        max_batch bounds decoder memory: a 16384-token pack of 256² images with CFG holds 128 images.
+        """
+        cfg = self.net.config
+        latents = unpack_latents(x_ND.float(), hw.cpu(), cfg.in_channels, cfg.patch_size)
+        out: list[torch.Tensor | None] = [None] * len(latents)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, z in enumerate(latents):
+            groups.setdefault(tuple(z.shape), []).append(i)
+        for same_size in groups.values():
+            for start in range(0, len(same_size), max_batch):
+                indices = same_size[start : start + max_batch]
+                images = self.codec.decode(torch.stack([latents[i] for i in indices]))
+                for i, image in zip(indices, to_uint8(images).cpu()):
+                    out[i] = image
+        return out  # type: ignore[return-value]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 by uint8 = clamp(round((x + 1) · 127.5), 0, 255), torch.round = half to even."""
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class NetModelFn:
+    """model_fn(x, t, y, hw) over a NiT: reuses PackedMeta (RoPE tables, cu_seqlens) per hw tensor, optional autocast.
+
+    The cache is keyed by the identity of `hw` (the sampler passes the same hw / doubled-hw objects every step), so
+    no host read of hw happens per step; use one NetModelFn per pack.
+    """
+
+    def __init__(self, net: NiT, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+        self.net, self.precision = net, precision
+        self._cache: list[tuple[torch.Tensor, int, Any]] = []  # (hw, N, PackedMeta); at most 2 live: cond and CFG
+
+    def _meta(self, hw: torch.Tensor, num_tokens: int) -> Any:
+        for known, n, meta in self._cache:
+            if known is hw and n == num_tokens:
+                return meta
+        meta = self.net.build_meta(hw, num_tokens)
+        self._cache = self._cache[-3:] + [(hw, num_tokens, meta)]
+        return meta
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+        meta = self._meta(hw, x.shape[0])
+        ctx = (
+            torch.autocast(x.device.type, dtype=PRECISIONS[self.precision])
+            if self.precision != "fp32" else contextlib.nullcontext()
+        )
+        with ctx:
+            v = self.net(x, t, y, hw, meta=meta)
+        return v.to(x.dtype)
+
+
+def _resolve_codec(codec: Codec | str | dict | None, stored: dict | None, device: str) -> tuple[Codec, str]:
+    if isinstance(codec, Codec):
+        return codec, "given"
+    if isinstance(codec, str):
+        return codec_from_spec(codec, device=device), f"--codec {codec}"
+    if isinstance(codec, dict):
+        return codec_from_description(codec, device=device), "given description"
+    if stored is None:
+        raise ValueError(
+            "the checkpoint records no codec (nit_meta['codec'] is None); pass one, e.g. --codec dcae:/path/to/dc-ae "
+            "or --codec pixel:8"
+        )
+    return codec_from_description(stored, device=device), "checkpoint nit_meta"
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    others = sorted(k for k in state if not k.startswith(prefix))
+    return kept, others
+
+
+def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple[NiT, dict[str, Any]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses pickled objects: say so instead of unpickling arbitrary code
+        raise ValueError(
+            f"could not read {path} with torch.load(weights_only=True): {type(error).__name__}: {error}. "
+            "Checkpoints must hold only tensors and plain Python values"
+        ) from error
+    if not isinstance(ckpt, dict) or "nit_meta" not in ckpt:
+        raise ValueError(f"{path} has no 'nit_meta': it is not a checkpoint written by NiTModule (docs/architecture.md)")
+    meta = dict(ckpt["nit_meta"])
+    config = dict(meta["net_config"])
+    if rope_layout is not None and rope_layout != config.get("rope_layout"):
+        log.warning("rope_layout %r overrides the checkpoint's %r", rope_layout, config.get("rope_layout"))
+        config["rope_layout"] = rope_layout
+    net = NiT(NiTConfig(**config))
+    if use_ema and ckpt.get("ema_state_dict") is not None:
+        state, weights, ignored = ckpt["ema_state_dict"], "ema (checkpoint['ema_state_dict'])", []
+    else:
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{path} has neither 'ema_state_dict' (or use_ema=False) nor 'state_dict'")
+        state, ignored = _strip_prefix(ckpt["state_dict"], "net.")
+        why = "use_ema=False" if not use_ema else "no ema_state_dict in the checkpoint"
+        weights = f"live (state_dict 'net.*', {why})"
+        if use_ema:
+            log.warning("%s has no EMA weights: sampling with the live weights", path)
+    net.load_state_dict(state, strict=True)
+    meta.update(source=str(path), weights=weights, step=ckpt.get("global_step"), ignored_keys=len(ignored))
+    log.info("loaded %s: %s weights, step %s%s", path, weights, ckpt.get("global_step"),
+             f", ignored {len(ignored)} non-net keys (loss/projector state)" if ignored else "")
+    return net, meta
+
+
+def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, dict[str, Any]]:
+    layout = rope_layout or "reference"
+    if layout != "reference":
+        log.warning("official checkpoints were trained with rope_layout 'reference'; using %r as asked", layout)
+    net = build_nit("NiT-XL", rope_layout=layout)
+    report = load_official_checkpoint(net, path)
+    meta = {
+        "net_config": dataclasses.asdict(net.config), "codec": None, "patch_size": net.config.patch_size,
+        "latent_channels": net.config.in_channels, "source": str(path), "weights": "official safetensors (EMA)",
+        "report": report.summary(),
+    }
+    log.info("loaded official %s", report.summary())
+    return net, meta
+
+
+def load_generator(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    rope_layout: str | None = None,
+    device: str | torch.device = "cpu",
+    codec: Codec | str | dict | None = None,
+) -> Generator:
+    """Lightning `.ckpt` (EMA weights unless use_ema=False; strict) or official NiT-XL `.safetensors` (needs `codec`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a Lightning .ckpt or an official .safetensors")
+    if path.suffix == ".safetensors":
+        if codec is None:
+            raise ValueError(
+                f"{path} is an official checkpoint, which records no codec: pass the DC-AE it was trained with, "
+                "--codec dcae:/path/to/dc-ae-f32c32-sana-1.1-diffusers (local weights)"
+            )
+        net, meta = _load_official(path, rope_layout)
+    else:
+        net, meta = _load_lightning(path, use_ema, rope_layout)
+    the_codec, codec_from = _resolve_codec(codec, meta.get("codec"), str(device))
+    if the_codec.latent_channels != net.config.in_channels:
+        raise ValueError(
+            f"codec {the_codec.describe()} makes {the_codec.latent_channels}-channel latents but the net expects "
+            f"in_channels={net.config.in_channels}; pass the codec the model was trained with"
+        )
+    meta["codec"], meta["codec_from"] = the_codec.describe(), codec_from
+    net = net.to(device).eval().requires_grad_(False)
+    return Generator(net=net, codec=the_codec, meta=meta)

@@ -1,0 +1,219 @@
+"""`sample` end to end on CPU with a debug net + PixelCodec(2): counts, labels, resume, npz == PNGs, ranks, loading."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nit_lightning.commands.sample import SampleSettings, main, run_sample
+from nit_lightning.data.codecs import PixelCodec
+from nit_lightning.inference import load_generator, to_uint8
+from nit_lightning.models import build_nit
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: 2 OpenMP threads on this shared 2-core machine made tiny forwards ~40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fake_ckpt(path, *, ema=True, live_offset=0.0):
+    """A Lightning-style checkpoint as NiTModule + EMA write it (docs/architecture.md), of a random NiT-debug."""
+    torch.manual_seed(0)
+    net = build_nit("NiT-debug", in_channels=12, num_classes=NUM_CLASSES)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    codec = PixelCodec(2)
+    ema_state = {k: v.clone() for k, v in net.state_dict().items()}
+    ckpt = {
+        "nit_meta": {"net_config": dataclasses.asdict(net.config), "codec": codec.describe(), "patch_size": 1,
+                     "latent_channels": 12},
+        "state_dict": {f"net.{k}": v + live_offset for k, v in net.state_dict().items()},
+        "global_step": 7,
+    }
+    ckpt["state_dict"]["loss_fn.some_buffer"] = torch.zeros(1)  # non-net keys are ignored and counted
+    if ema:
+        ckpt["ema_state_dict"] = ema_state
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return _fake_ckpt(tmp_path / "last.ckpt")
+
+
+def _argv(ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--sizes", "8x8,4x12", "--num-samples", "5", "--method", "euler", "--steps", "3",
+            "--cfg", "2.0", "--interval", "0,0.7", "--out", str(out), "--tokens-per-pack", "96", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+def _pngs(folder):
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_end_to_end_counts_labels_npz(ckpt, tmp_path):
+    out = tmp_path / "samples"
+    assert main(_argv(ckpt, out)) == 0
+    for name, (h, w) in {"8x8": (8, 8), "4x12": (4, 12)}.items():
+        folder = out / name
+        assert _pngs(folder) == [f"{i:06d}.png" for i in range(5)]
+        data = np.load(folder / f"samples_5x{h}x{w}x3.npz")
+        assert data["arr_0"].shape == (5, h, w, 3) and data["arr_0"].dtype == np.uint8
+        assert data["arr_1"].tolist() == [0, 1, 2, 0, 1]  # label i mod num_classes
+        for i in range(5):
+            np.testing.assert_array_equal(data["arr_0"][i], np.asarray(Image.open(folder / f"{i:06d}.png")))
+        assert data["arr_0"].std() > 0  # a random net makes non-constant images
+        assert json.loads((folder / "settings.json").read_text())["cfg_scale"] == 2.0
+
+
+def test_resume_regenerates_only_missing(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "samples"
+    main(_argv(ckpt, out))
+    folder = out / "8x8"
+    before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
+    (folder / "000002.png").unlink()
+    written = []
+    import nit_lightning.commands.sample as cmd
+
+    real_save = cmd.save_png
+    monkeypatch.setattr(cmd, "save_png", lambda image, path: (written.append(path.name), real_save(image, path)))
+    main(_argv(ckpt, out))
+    assert written == ["000002.png"]  # only the deleted one, and nothing for the complete 4x12 folder
+    assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == before  # regenerated bit-identically
+    with pytest.raises(ValueError, match="other settings .*cfg_scale"):
+        main(_argv(ckpt, out)[:-1] + ["--cfg", "3.0", "--no-progress"])
+
+
+def test_ranks_and_pack_budget_do_not_change_samples(ckpt, tmp_path, monkeypatch):
+    base = SampleSettings(ckpt=str(ckpt), out=str(tmp_path / "one"), sizes=[(8, 8), (4, 12)], num_samples=5, steps=3,
+                          cfg_scale=2.0, cfg_interval=(0.0, 0.7), method="sde", device="cpu", progress=False,
+                          tokens_per_pack=1000)
+    one = run_sample(base)
+    # Two "ranks" with another pack budget: rank 1 makes its strided slice, then rank 0 the rest and the npz.
+    two = dataclasses.replace(base, out=str(tmp_path / "two"), tokens_per_pack=32)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "unused")
+    import nit_lightning.commands.sample as cmd
+
+    monkeypatch.setattr(cmd, "_init_dist", lambda *a: False)  # no process group: the two ranks run one after another
+    monkeypatch.setenv("RANK", "1")
+    run_sample(two)
+    assert _pngs(tmp_path / "two" / "8x8") == ["000001.png", "000003.png"]
+    monkeypatch.setenv("RANK", "0")
+    paths = run_sample(two)
+    for name in ("8x8", "4x12"):
+        a, b = np.load(one[name]), np.load(paths[name])
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def _rank_worker(rank, world, port, settings):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_sample(settings)
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_match_one(ckpt, tmp_path):
+    """Two real ranks (gloo process group, strided slices, rank 0 merges) give the one-process sample set."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    base = SampleSettings(ckpt=str(ckpt), out=str(tmp_path / "one"), sizes=[(8, 8)], num_samples=5, steps=2,
+                          method="sde", device="cpu", progress=False)
+    one = run_sample(base)["8x8"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = dataclasses.replace(base, out=str(tmp_path / "two"))
+    mp.spawn(_rank_worker, args=(2, port, two), nprocs=2, join=True)
+    a, b = np.load(one), np.load(tmp_path / "two" / "8x8" / "samples_5x8x8x3.npz")
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_no_png_and_size_rounding(ckpt, tmp_path):
+    out = tmp_path / "s"
+    argv = ["--ckpt", str(ckpt), "--sizes", "9x6", "--num-samples", "2", "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    with pytest.raises(ValueError, match="9x6 is not a multiple of 2 .*10x6 \\(--round nearest\\) or 8x6"):
+        main(argv)
+    assert main(argv + ["--round", "floor", "--no-png"]) == 0
+    assert _pngs(out / "8x6") == [] and np.load(out / "8x6" / "samples_2x8x6x3.npz")["arr_0"].shape == (2, 8, 6, 3)
+    assert main(argv + ["--round", "floor", "--no-png"]) == 0  # complete: nothing regenerated, npz kept
+
+
+def test_load_generator_weights_and_errors(tmp_path, caplog):
+    path = _fake_ckpt(tmp_path / "a.ckpt", live_offset=1.0)
+    ema = load_generator(path)
+    live = load_generator(path, use_ema=False)
+    assert ema.meta["weights"].startswith("ema") and live.meta["weights"].startswith("live")
+    assert ema.meta["ignored_keys"] == 0 and live.meta["ignored_keys"] == 1
+    w_e, w_l = ema.net.final_layer.linear.weight, live.net.final_layer.linear.weight
+    torch.testing.assert_close(w_l, w_e + 1.0)
+    assert isinstance(ema.codec, PixelCodec) and ema.size_multiple == 2 and not ema.net.training
+    noema = load_generator(_fake_ckpt(tmp_path / "b.ckpt", ema=False))
+    assert "no ema_state_dict" in noema.meta["weights"] and "no EMA weights" in caplog.text
+    bad = torch.load(path, weights_only=True)
+    bad["ema_state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.ckpt")
+    with pytest.raises(RuntimeError, match="extra.weight"):  # strict load names the stray key
+        load_generator(tmp_path / "bad.ckpt")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="--codec dcae:"):
+        load_generator(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="makes 48-channel latents but the net expects in_channels=12"):
+        load_generator(path, codec="pixel:4")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_generator(tmp_path / "nope.ckpt")
+
+
+def test_uint8_rule():
+    x = torch.tensor([-1.5, -1.0, -0.996, 0.0, 0.5, 1.0, 2.0])
+    # (x + 1)·127.5 = [-63.75, 0, 0.51, 127.5, 191.25, 255, 382.5] -> round half to even, clamp
+    assert to_uint8(x).tolist() == [0, 0, 1, 128, 191, 255, 255]
+
+
+def test_sweep_file_settings_per_size(ckpt, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("settings:\n  - {size: 8x8, method: heun, steps: 2, cfg: 1.5, interval: [0, 0.7]}\n"
+                     "  - {size: 4x12, method: sde}\n")
+    out = tmp_path / "s"
+    assert main(["--ckpt", str(ckpt), "--sweep", str(sweep), "--num-samples", "2", "--steps", "3", "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    a = json.loads((out / "8x8" / "settings.json").read_text())
+    b = json.loads((out / "4x12" / "settings.json").read_text())
+    assert (a["method"], a["steps"], a["cfg_scale"], a["cfg_interval"]) == ("heun", 2, 1.5, [0.0, 0.7])
+    assert (b["method"], b["steps"], b["cfg_scale"]) == ("sde", 3, 1.0)  # --steps fills what the file leaves open
+
+
+def test_official_safetensors_plumbing(tmp_path, monkeypatch):
+    """An official-named safetensors file loads strictly with the reference RoPE layout (NiT-debug stands in for XL)."""
+    from safetensors.torch import save_file
+
+    import nit_lightning.inference as inference
+    from nit_lightning.models import official_state_dict
+
+    src = build_nit("NiT-debug", in_channels=12, rope_layout="reference")
+    for p in src.parameters():
+        p.data.normal_(0, 0.1)
+    save_file({k: v.contiguous() for k, v in official_state_dict(src).items()}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(inference, "build_nit", lambda name, **kw: build_nit("NiT-debug", in_channels=12, **kw))
+    gen = load_generator(tmp_path / "model.safetensors", codec="pixel:2")
+    assert gen.net.config.rope_layout == "reference" and gen.meta["weights"].startswith("official")
+    for (k, a), b in zip(src.state_dict().items(), gen.net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
