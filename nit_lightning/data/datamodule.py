@@ -1,0 +1,342 @@
+"""NativeLatentDataModule: latent shards -> LPFHP packs -> one `PackedBatch` per rank per step, resumable, DDP-equal."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nit_lightning.data.batch import PackedBatch
+from nit_lightning.data.stream import EpochPlan, RankPlan, ShardReader, ShardReadError, Source, build_plan, load_sources
+from nit_lightning.data.stream import locate
+from nit_lightning.models.patching import patchify
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("skip", "raise")
+REPEAT_MARK = "(repeat) "  # key prefix of a stand-in pack whose own samples all failed
+
+
+@dataclass
+class LoaderStats:
+    """What one loader delivered this epoch, counted in the consuming process (a callback can log these)."""
+
+    epoch: int = 0
+    packs: int = 0
+    images: int = 0
+    tokens: int = 0
+    skipped_samples: int = 0  # planned samples that a corrupt shard/sample took out of their pack
+    seconds: float = 0.0  # wall time since the epoch's iterator started
+    wait_seconds: float = 0.0  # time the consumer waited for the next pack (≈ 0 when loading keeps up)
+    last_pack_tokens: int = 0
+    last_pack_images: int = 0
+    plan_efficiency: float = 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out = asdict(self)
+        out.update(samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s)
+        return out
+
+
+class PackDataset(IterableDataset):
+    """Yields one rank's packs; worker w of K takes packs start+w, start+w+K, … (round-robin = plan order)."""
+
+    def __init__(self, sources: list[Source], patch_size: int, on_error: str):
+        self.sources, self.patch_size, self.on_error = sources, patch_size, on_error
+        self.plan: RankPlan | None = None  # set by the loader before each iteration (pickled into the workers)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        if self.plan is None:
+            raise RuntimeError("PackDataset has no plan: iterate it through NativeLatentDataModule's dataloaders")
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = ShardReader()
+        last_good: PackedBatch | None = None
+        mine = range(self.start + worker, len(self.plan), workers)
+        for j in mine:
+            batch = self.load_pack(j, reader)
+            if batch is None:  # every sample failed: an empty step would hang DDP, so stand in another pack, marked
+                stand_in = last_good or next((b for k in mine if k > j if (b := self.load_pack(k, reader))), None)
+                if stand_in is None:
+                    raise ShardReadError(f"epoch {self.plan.epoch}: pack {j} and all later packs of this worker failed")
+                log.error("epoch %d pack %d: all samples failed; a copy of another pack stands in", self.plan.epoch, j)
+                batch = replace(stand_in, keys=[REPEAT_MARK + key.removeprefix(REPEAT_MARK) for key in stand_in.keys])
+            else:
+                last_good = batch
+            yield batch
+
+    def load_pack(self, j: int, reader: ShardReader) -> PackedBatch | None:
+        """Read and patchify pack j; with on_error='skip' a failed sample is logged and left out."""
+        ids, flips = self.plan.pack(j)
+        places = [locate(self.sources, int(i)) for i in ids]
+        latents: list[torch.Tensor | None] = [None] * len(ids)
+        labels, keys = [0] * len(ids), [""] * len(ids)
+        for i in sorted(range(len(ids)), key=places.__getitem__):  # shard by shard, in file order
+            s, shard, position = places[i]
+            source = self.sources[s]
+            try:
+                sample, _ = reader.read(source.path / source.shard_names[shard], position, flip=bool(flips[i]))
+            except ShardReadError as error:
+                if self.on_error == "raise":
+                    raise
+                log.warning("epoch %d pack %d loses a sample (on_error=skip): %s", self.plan.epoch, j, error)
+                continue
+            latents[i] = sample.latent  # the mirrored latent when the plan says flip and the shard has one
+            labels[i] = sample.cls
+            keys[i] = f"{source.path.name}/{source.shard_names[shard].removesuffix('.tar')}/{sample.key}"
+        kept = [i for i in range(len(ids)) if latents[i] is not None]
+        if not kept:
+            return None
+        tokens = [patchify(latents[i].float(), self.patch_size) for i in kept]  # (h·w/p², C·p·p) each, float32
+        p = self.patch_size
+        hw = torch.tensor([[latents[i].shape[1] // p, latents[i].shape[2] // p] for i in kept], dtype=torch.long)
+        return PackedBatch(
+            x=torch.cat(tokens, dim=0),
+            hw=hw,
+            y=torch.tensor([labels[i] for i in kept], dtype=torch.long),
+            seqlens=hw[:, 0] * hw[:, 1],
+            keys=[keys[i] for i in kept],
+        )
+
+
+class PackLoader(DataLoader):
+    """DataLoader(batch_size=None) that asks its DataModule for the epoch's plan and start on every `iter()`."""
+
+    def __init__(self, owner: "NativeLatentDataModule", kind: str, dataset: PackDataset, num_workers: int):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self._owner, self._kind = owner, kind
+
+    def __len__(self) -> int:
+        return self._owner._plan_for(self._kind, self._owner._upcoming_epoch(self._kind)).packs_per_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning saves this with the loops (and then treats the loader as resumable): the DataModule's position."""
+        return self._owner.state_dict() if self._kind == "train" else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._kind == "train" and state:
+            self._owner.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[PackedBatch]:  # type: ignore[override]
+        epoch, start, rank_plan, plan = self._owner._begin(self._kind)
+        self.dataset.plan, self.dataset.start = rank_plan, start
+        stats = LoaderStats(epoch=epoch, plan_efficiency=plan.efficiency)
+        self._owner.stats[self._kind] = stats
+        began = time.perf_counter()
+        iterator = super().__iter__()
+        j = start
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            now = time.perf_counter()
+            planned = int(rank_plan.offsets[j + 1] - rank_plan.offsets[j])
+            stats.packs += 1
+            stats.images += batch.num_images
+            stats.tokens += batch.num_tokens
+            repeated = bool(batch.keys) and batch.keys[0].startswith(REPEAT_MARK)
+            stats.skipped_samples += planned if repeated else max(planned - batch.num_images, 0)
+            stats.wait_seconds += now - asked
+            stats.seconds = now - began
+            stats.last_pack_tokens, stats.last_pack_images = batch.num_tokens, batch.num_images
+            j += 1
+            self._owner._consumed[self._kind] = (epoch, j)
+            yield batch
+
+
+def resolve_distributed() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from RANK / WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class NativeLatentDataModule(L.LightningDataModule):
+    """Packs of native-resolution latents from shard directories (SPEC §4–5); see docs/packing.md."""
+
+    def __init__(
+        self,
+        sources: list[dict],
+        tokens_per_pack: int = 65536,
+        max_images_per_pack: int | None = None,
+        buffer_size: int = 8192,
+        num_workers: int = 2,
+        seed: int = 0,
+        flip_prob: float = 0.5,
+        patch_size: int = 1,
+        on_error: str = "skip",
+        val_sources: list[dict] | None = None,
+        packs_per_epoch: int | None = None,
+    ):
+        super().__init__()
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r} must be one of {ON_ERROR}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob={flip_prob} must be in [0, 1]")
+        if tokens_per_pack < 1 or patch_size < 1 or num_workers < 0 or buffer_size < 0:
+            raise ValueError(
+                f"tokens_per_pack={tokens_per_pack}, patch_size={patch_size} must be ≥ 1 and "
+                f"num_workers={num_workers}, buffer_size={buffer_size} ≥ 0"
+            )
+        if packs_per_epoch is not None and packs_per_epoch < 1:
+            raise ValueError(f"packs_per_epoch={packs_per_epoch} must be ≥ 1 or None (all packs)")
+        self.source_specs, self.val_source_specs = list(sources), val_sources
+        self.tokens_per_pack, self.max_images_per_pack = tokens_per_pack, max_images_per_pack
+        self.buffer_size, self.num_workers, self.seed = buffer_size, num_workers, seed
+        self.flip_prob, self.patch_size, self.on_error = flip_prob, patch_size, on_error
+        self.packs_per_epoch = packs_per_epoch
+        self._sources: dict[str, list[Source]] = {}
+        self._plans: dict[str, EpochPlan] = {}
+        self._distributed: tuple[int, int] | None = None
+        self._next_epoch = 0  # used without a trainer: every train iter() is one more epoch
+        self._resume: tuple[int, int] | None = None
+        self._consumed: dict[str, tuple[int, int]] = {}
+        self.stats: dict[str, LoaderStats] = {}
+        self.latent_channels: int | None = None
+        self.codec_description: dict | None = None
+        self._load()
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        """Read the indexes (lengths only), check that every source agrees on channels and codec."""
+        self._sources["train"] = load_sources(self.source_specs, self.patch_size)
+        if self.val_source_specs:
+            self._sources["val"] = load_sources(self.val_source_specs, self.patch_size)
+        seen = {}
+        for source in [s for group in self._sources.values() for s in group]:
+            seen[str(source.path)] = (source.index.get("latent_channels"), source.index.get("codec"))
+        if len({repr(v) for v in seen.values()}) > 1:
+            raise ValueError(f"sources disagree on (latent_channels, codec): {seen}; prepare them with the same codec")
+        self.latent_channels, self.codec_description = next(iter(seen.values()))
+        if self.latent_channels is None:
+            raise ValueError(f"index.json of {list(seen)} has no 'latent_channels': re-run `prepare` to write it")
+
+    def override_distributed(self, rank: int, world_size: int) -> None:
+        """Fix (rank, world size) instead of reading torch.distributed / env (tests, custom launchers)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self._distributed = (rank, world_size)
+
+    def rank_world(self) -> tuple[int, int]:
+        rank, world = self._distributed or resolve_distributed()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world}: check RANK / WORLD_SIZE")
+        return rank, world
+
+    # ---- plans and positions -----------------------------------------------------------------------------------
+    def _plan_for(self, kind: str, epoch: int) -> EpochPlan:
+        """The (cached) global plan of one epoch; validation always uses epoch 0, no flips, the fixed seed."""
+        _, world = self.rank_world()
+        plan = self._plans.get(kind)
+        if plan is None or plan.epoch != epoch or plan.world_size != world:
+            plan = build_plan(
+                self._sources[kind],
+                seed=self.seed,
+                epoch=epoch,
+                tokens_per_pack=self.tokens_per_pack,
+                max_images_per_pack=self.max_images_per_pack,
+                world_size=world,
+                flip_prob=self.flip_prob if kind == "train" else 0.0,
+                packs_per_epoch=self.packs_per_epoch if kind == "train" else None,
+                buffer_size=self.buffer_size,
+            )
+            self._plans[kind] = plan
+        return plan
+
+    def _upcoming_epoch(self, kind: str) -> int:
+        if kind != "train":
+            return 0
+        if self.trainer is not None and getattr(self.trainer, "fit_loop", None) is not None:
+            return int(self.trainer.current_epoch)
+        return self._next_epoch
+
+    def _begin(self, kind: str) -> tuple[int, int, RankPlan, EpochPlan]:
+        """Epoch, first pack and plans for a new iterator; consumes a pending resume position if it matches."""
+        epoch, start = self._upcoming_epoch(kind), 0
+        if kind == "train":
+            if self._resume is not None and self._resume[0] == epoch:
+                start = self._resume[1]
+                if start >= self._plan_for(kind, epoch).packs_per_rank and self.trainer is None:
+                    epoch, start = epoch + 1, 0  # the saved epoch was complete: the next one starts fresh
+            self._resume = None
+            self._next_epoch = epoch + 1
+        plan = self._plan_for(kind, epoch)
+        rank, _ = self.rank_world()
+        if start:
+            log.info("resuming %s data at epoch %d, pack %d of %d", kind, epoch, start, plan.packs_per_rank)
+        return epoch, start, plan.rank_part(rank), plan
+
+    @property
+    def packing_efficiency(self) -> float:
+        """Real tokens / (packs × tokens_per_pack) of the current training plan (planning epoch 0 if none yet)."""
+        return self._plan_for("train", self._plans["train"].epoch if "train" in self._plans else 0).efficiency
+
+    @property
+    def plan_report(self) -> dict[str, int]:
+        """Counts of the current training plan: planned/kept/dropped packs, samples, tokens."""
+        return dict(self._plan_for("train", self._plans["train"].epoch if "train" in self._plans else 0).report)
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------------------
+    def train_dataloader(self) -> PackLoader:
+        dataset = PackDataset(self._sources["train"], self.patch_size, self.on_error)
+        return PackLoader(self, "train", dataset, self.num_workers)
+
+    def val_dataloader(self) -> PackLoader | list:
+        if "val" not in self._sources:
+            return []
+        dataset = PackDataset(self._sources["val"], self.patch_size, self.on_error)
+        return PackLoader(self, "val", dataset, self.num_workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position (epoch, packs consumed by this rank) plus what must match for it to mean the same data."""
+        trainer = self.trainer
+        if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
+            # Lightning's count of processed training batches: exact, unlike the loader count (it prefetches one).
+            epoch = int(trainer.current_epoch)
+            consumed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        else:
+            epoch, consumed = self._consumed.get("train", (self._next_epoch, 0))
+        _, world = self.rank_world()
+        return {
+            "epoch": epoch,
+            "packs_consumed": consumed,
+            "seed": self.seed,
+            "world_size": world,
+            "tokens_per_pack": self.tokens_per_pack,
+            "max_images_per_pack": self.max_images_per_pack,
+            "buffer_size": self.buffer_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at (epoch, packs_consumed); a changed seed/world/budget cannot resume mid-epoch: warn, restart it."""
+        _, world = self.rank_world()
+        now = {"seed": self.seed, "world_size": world, "tokens_per_pack": self.tokens_per_pack,
+               "max_images_per_pack": self.max_images_per_pack, "buffer_size": self.buffer_size}  # fmt: skip
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        epoch, consumed = int(state["epoch"]), int(state["packs_consumed"])
+        if changed and consumed:
+            log.warning(
+                "data settings changed since the checkpoint (%s, as (saved, now)): the plan of epoch %d differs, so it "
+                "restarts from its first pack instead of pack %d (some data of that epoch is seen twice)",
+                changed, epoch, consumed,
+            )  # fmt: skip
+            consumed = 0
+        self._resume = (epoch, consumed)
+        self._next_epoch = epoch
