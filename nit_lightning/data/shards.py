@@ -59,9 +59,27 @@ def encode_latent(latent: torch.Tensor, dtype: str) -> bytes:
     return buffer.getvalue()
 
 
+def _read_npy(data: bytes) -> np.ndarray:
+    """Parse .npy bytes with one header read and a zero-copy view (np.load costs ~0.5 ms a sample in the loader)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except ValueError as error:
+        raise ShardFormatError(f"not a .npy array: {error}") from error
+    if dtype.hasobject:
+        raise ShardFormatError("object arrays are not latents")
+    count = int(np.prod(shape))
+    if len(data) - stream.tell() < count * dtype.itemsize:
+        raise ShardFormatError(f".npy payload is truncated: {len(data) - stream.tell()} bytes for shape {shape}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
 def decode_latent(data: bytes, dtype: str) -> torch.Tensor:
     """.npy bytes -> (C, h, w) tensor in the stored dtype (float16 or bfloat16)."""
-    array = np.load(io.BytesIO(data), allow_pickle=False)
+    array = _read_npy(data)
     if array.ndim != 3:
         raise ShardFormatError(f"latent must be (C, h, w), got shape {array.shape}")
     if dtype == "float16":
