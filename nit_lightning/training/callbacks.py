@@ -1,0 +1,171 @@
+"""Training callbacks: throughput/MFU, gradient norm + non-finite guard, pack audit log; re-exports of the others."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar  # noqa: F401 (re-export)
+
+from nit_lightning.training.ema import EMA  # noqa: F401 (re-export)
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity), matched against the CUDA device name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+
+
+def detect_peak_flops(device: torch.device) -> float | None:
+    """Datasheet bf16 peak of the CUDA device, or None when unknown (CPU, unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def train_step_flops(config: Any, seqlens: torch.Tensor, with_projector: bool = False) -> float:
+    """FLOPs of forward + backward of the net over images with these token counts (models/flops.py)."""
+    from nit_lightning.models.flops import training_flops
+
+    return float(training_flops(config, seqlens, with_projector=with_projector))
+
+
+class ThroughputMonitor(Callback):
+    """Tokens/s, images/s, tokens and images seen, packing efficiency, step time, MFU and GPU memory.
+
+    Rates are measured over windows of `window` optimiser steps with one device sync at the end of each window, and
+    summed over ranks by multiplying the local rate by the world size (every rank runs the same token budget).
+    MFU = achieved training FLOP/s ÷ (peak FLOP/s × world size); `peak_flops` None means "detect from the GPU name",
+    0 turns MFU off (it is always off on CPU).
+    """
+
+    def __init__(self, window: int = 20, peak_flops: float | None = None):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window, self.peak_flops = int(window), peak_flops
+        self.tokens_seen = 0  # over all ranks; kept in checkpoints so that resumed curves continue
+        self.images_seen = 0
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._t0: float | None = None
+        self._tokens = self._images = self._steps = 0
+        self._seqlens: list[torch.Tensor] = []  # stays on device until the window's sync: no per-step host sync
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(window=self.window)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "images_seen": self.images_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens_seen = int(state_dict["tokens_seen"])
+        self.images_seen = int(state_dict["images_seen"])
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = detect_peak_flops(pl_module.device)
+            if pl_module.device.type == "cuda" and self.peak_flops is None:
+                log.warning("MFU off: peak FLOP/s of %s unknown; set ThroughputMonitor.peak_flops",
+                            torch.cuda.get_device_name(pl_module.device))
+        self._reset_window()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        world = trainer.world_size
+        tokens, images = batch.num_tokens, batch.num_images
+        self.tokens_seen += tokens * world
+        self.images_seen += images * world
+        self._tokens += tokens
+        self._images += images
+        self._steps += 1
+        if self.peak_flops:
+            self._seqlens.append(batch.seqlens.detach())
+        if self._steps < self.window:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # the one sync per window: time what the GPU really did
+        seconds = max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+        metrics = {
+            "perf/tokens_per_sec": self._tokens * world / seconds,
+            "perf/images_per_sec": self._images * world / seconds,
+            "perf/step_time": seconds / self._steps,
+            "perf/tokens_seen": float(self.tokens_seen),
+            "perf/images_seen": float(self.images_seen),
+        }
+        efficiency = getattr(trainer.datamodule, "packing_efficiency", None) if trainer.datamodule is not None else None
+        if callable(efficiency):
+            efficiency = efficiency()
+        if efficiency is not None:
+            metrics["perf/packing_efficiency"] = float(efficiency)
+        if self.peak_flops:
+            # FLOPs add up over images, so the window's packs count as one long pack; per rank ÷ per-GPU peak.
+            repa = getattr(getattr(pl_module, "loss_fn", None), "repa_weight", 0.0) > 0
+            flops = train_step_flops(pl_module.net.config, torch.cat(self._seqlens).cpu(), with_projector=repa)
+            metrics["perf/mfu"] = flops / seconds / self.peak_flops
+        if pl_module.device.type == "cuda":
+            metrics["perf/gpu_mem_alloc_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["perf/gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=images)
+        self._reset_window()
+
+
+class GradNormMonitor(Callback):
+    """Logs the total gradient norm before clipping; raises on a non-finite one (the gradient-side NaN guard).
+
+    Checking every step costs one host sync per step; `check_every` trades that for later detection.
+    """
+
+    def __init__(self, norm_type: float = 2.0, check_every: int = 1, raise_on_nonfinite: bool = True):
+        self.norm_type, self.check_every, self.raise_on_nonfinite = float(norm_type), int(check_every), raise_on_nonfinite
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # Lightning calls this after AMP unscaling and before gradient clipping: the norm that clipping sees.
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=self.norm_type)
+        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        if self.raise_on_nonfinite and trainer.global_step % self.check_every == 0 and not bool(torch.isfinite(norm)):
+            raise FloatingPointError(
+                f"non-finite gradient norm {norm.item()} at step {trainer.global_step} (rank {trainer.global_rank}) "
+                "with a finite loss: lower the lr, check bf16 overflow, or look at the last batch's keys"
+            )
+
+
+class PackLog(Callback):
+    """Appends {"rank", "step", "keys", "tokens"} per training batch to `<dirpath>/packs_rank<r>.jsonl` (data audit)."""
+
+    def __init__(self, dirpath: str = "pack_logs"):
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        record = {"rank": trainer.global_rank, "step": trainer.global_step, "keys": list(batch.keys),
+                  "tokens": batch.num_tokens}
+        with open(self.dirpath / f"packs_rank{trainer.global_rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy re-exports of callbacks that live in other files (sample grids, evaluation)."""
+    if name == "SampleGridCallback":
+        from nit_lightning.training.sample_grid import SampleGridCallback
+
+        return SampleGridCallback
+    if name == "EvaluationCallback":
+        from nit_lightning.evaluation.callback import EvaluationCallback
+
+        return EvaluationCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

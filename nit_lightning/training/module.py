@@ -1,0 +1,261 @@
+"""`NiTModule`: the LightningModule that trains a NiT with flow matching on packed batches (SPEC §3, §6)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from nit_lightning.data.batch import PackedBatch
+
+log = logging.getLogger(__name__)
+
+# Block after which REPA aligns hidden states, per preset (SPEC §3: S/B 4, L 6, XL/XXL 8).
+REPA_LAYER_BY_PRESET = {"NiT-S": 4, "NiT-B": 4, "NiT-L": 6, "NiT-XL": 8, "NiT-XXL": 8}
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int = 0, stream: str = "train") -> int:
+    """A 63-bit seed from (seed, rank, optimiser step, micro-batch): every rank and step draws different noise."""
+    digest = hashlib.sha256(f"nit/{stream}/{seed}/{rank}/{step}/{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class NiTModule(LightningModule):
+    """Flow-matching training of the NiT built from `net` = {"name": preset, **NiTConfig overrides} by `build_nit`.
+
+    Args:
+        net: the network's config: `{"name": "NiT-B"}` plus any NiTConfig field (depth, hidden_size, in_channels, ...).
+        latent_channels: channels of the data's latents; linked from the datamodule by the CLI and checked against
+            (or filling in) `net["in_channels"]`.
+        P_mean, P_std, direction_weight, reduction: FlowMatchingLoss settings (SPEC §3).
+        on_nonfinite: "raise" (default) stops with the step and batch keys on a NaN/Inf loss; "skip" skips the
+            optimiser step loudly and counts it (single process only).
+        label_dropout: probability of replacing a label by the null class in the training step (CFG training).
+        lr, betas, weight_decay, eps: AdamW (SPEC §6); never scaled by the GPU count.
+        warmup_steps: optional linear warm-up of the lr over that many optimiser steps, constant after.
+        compile_blocks / activation_checkpointing: applied per block of `net.blocks` in `configure_model`.
+        repa_weight, repa_layer, repa_encoder: REPA (off when repa_weight is 0) with the net's own projector
+            (`net.projector_dim` = encoder feature size); features come from the batch's `repa_z` or from the frozen
+            encoder at the local path `repa_encoder` (see training/encoders.py).
+        init_from: official safetensors loaded strictly into the net before training (SPEC §9).
+        seed: base of the per-(rank, step) generators for noise, times and label dropout.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any],
+        latent_channels: int | None = None,
+        P_mean: float = 0.0,
+        P_std: float = 1.0,
+        direction_weight: float = 1.0,
+        reduction: Literal["token", "image"] = "token",
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        label_dropout: float = 0.1,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.01,
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        compile_blocks: bool = False,
+        activation_checkpointing: bool = False,
+        repa_weight: float = 0.0,
+        repa_layer: int | None = None,
+        repa_encoder: str | None = None,
+        init_from: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        from nit_lightning.diffusion.flow import FlowMatchingLoss
+        from nit_lightning.models import build_nit
+
+        self.save_hyperparameters()
+        net = dict(net)
+        if "name" not in net:
+            raise ValueError(f"model.net needs a preset 'name' (e.g. NiT-B, NiT-debug), got keys {sorted(net)}")
+        if latent_channels is not None:
+            given = net.get("in_channels")
+            if given is not None and int(given) != int(latent_channels):
+                raise ValueError(
+                    f"model.net.in_channels={given} but the data's latents have {latent_channels} channels; "
+                    "drop model.net.in_channels (it is filled in from the data) or point data at matching shards"
+                )
+            net["in_channels"] = int(latent_channels)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.net = build_nit(net.pop("name"), **net)
+
+        self.repa_encoder_path = repa_encoder
+        self._repa_encoder = None
+        if repa_weight > 0:
+            if self.net.projector is None:
+                raise ValueError("REPA is on (repa_weight > 0) but the net has no projector: set model.net.projector_dim "
+                                 "to the encoder's feature size (e.g. 1280 for RADIO-v2.5-H)")
+            if repa_layer is None:
+                repa_layer = REPA_LAYER_BY_PRESET.get(self.hparams["net"]["name"])
+                if repa_layer is None:
+                    raise ValueError(f"no default REPA layer for {self.hparams['net']['name']!r}: set model.repa_layer")
+            if not 1 <= repa_layer <= self.net.config.depth:
+                raise ValueError(f"repa_layer={repa_layer} is outside 1..depth={self.net.config.depth}")
+        elif self.net.projector is not None:
+            # Unused parameters would make DDP fail ("did not receive gradients"): freeze them and say so.
+            self.net.projector.requires_grad_(False)
+            log.info("REPA is off (repa_weight=0): the net's projector is frozen and not trained")
+        self.loss_fn = FlowMatchingLoss(
+            P_mean=P_mean, P_std=P_std, direction_weight=direction_weight, reduction=reduction,
+            repa_weight=repa_weight, repa_layer=repa_layer if repa_weight > 0 else None,
+            on_nonfinite="report",  # the module decides: raise with step and keys, or skip loudly
+        )
+        self.skipped_steps = 0
+        self._configured = False
+        if init_from is not None:
+            from nit_lightning.models.official import load_official_checkpoint
+
+            if getattr(self.net.config, "rope_layout", None) != "reference":
+                log.warning("init_from=%s with rope_layout=%r: official weights were trained with rope_layout "
+                            "'reference' (SPEC §1.1)", init_from, getattr(self.net.config, "rope_layout", None))
+            report = load_official_checkpoint(self.net, init_from)
+            log.info("init_from %s: %s", init_from, report)
+
+    # ---- building ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Per-block activation checkpointing and torch.compile, applied once from outside the network."""
+        if self._configured:
+            return
+        self._configured = True
+        blocks = getattr(self.net, "blocks", None)
+        if (self.hparams.compile_blocks or self.hparams.activation_checkpointing) and blocks is None:
+            raise AttributeError("the network has no `blocks` ModuleList to compile or checkpoint")
+        for block in blocks if blocks is not None else []:
+            if self.hparams.activation_checkpointing:
+                # An instance attribute overrides forward without renaming parameters (state-dict keys unchanged).
+                block.forward = _checkpointed(block.forward)
+            if self.hparams.compile_blocks:
+                block.compile(dynamic=True)  # in place: keys stay `blocks.i.*`, no `_orig_mod.` prefix
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if self.hparams.on_nonfinite == "skip" and trainer.world_size > 1:
+            raise ValueError("on_nonfinite='skip' works on one process only (a skipped step would hang DDP); use 'raise'")
+        dm = getattr(trainer, "datamodule", None)
+        patch = getattr(dm, "patch_size", None)
+        if patch is not None and int(patch) != int(self.net.config.patch_size):
+            raise ValueError(f"data.patch_size={patch} but the network's patch_size={self.net.config.patch_size}; "
+                             "set both to the same value")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"  # one kernel for the whole update on GPU; CPU keeps the foreach path
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay,
+            eps=self.hparams.eps, fused=fused or None,
+        )
+        warmup = int(self.hparams.warmup_steps)
+        if warmup == 0:
+            return optimizer  # constant lr, as the paper
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, y, hw)
+
+    def _generator(self, step: int, micro: int, stream: str) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(step_seed(int(self.hparams.seed), self.global_rank, step, micro, stream))
+        return generator
+
+    def _drop_labels(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Replace each label by the null class with probability label_dropout (drawn on y's device)."""
+        p = float(self.hparams.label_dropout)
+        if p == 0.0:
+            return y
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+        return torch.where(drop, torch.full_like(y, self.net.null_class), y)
+
+    def _repa_features(self, batch: PackedBatch) -> torch.Tensor | None:
+        if self.loss_fn.repa_weight <= 0:
+            return None
+        if batch.repa_z is not None:
+            return batch.repa_z
+        if self.repa_encoder_path is None:
+            raise ValueError("REPA is on but the batch has no repa_z and model.repa_encoder is not set")
+        if self._repa_encoder is None:
+            from nit_lightning.training.encoders import load_repa_encoder
+
+            dm = getattr(self.trainer, "datamodule", None)
+            self._repa_encoder = load_repa_encoder(self.repa_encoder_path, codec=getattr(dm, "codec_description", None),
+                                                   patch_size=self.net.config.patch_size, device=self.device)
+        return self._repa_encoder(batch.x, batch.hw)
+
+    def _loss(self, batch: PackedBatch, y: torch.Tensor, generator: torch.Generator) -> Any:
+        return self.loss_fn(self.net, batch.x, y, batch.hw, generator=generator,
+                            repa_projector=self.net.projector, repa_z=self._repa_features(batch))
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor | None:
+        accumulate = max(1, int(getattr(self._trainer, "accumulate_grad_batches", 1) or 1))
+        generator = self._generator(self.global_step, batch_idx % accumulate, "train")
+        y = self._drop_labels(batch.y, generator)
+        out = self._loss(batch, y, generator)
+        loss = out.loss
+        if not bool(torch.isfinite(loss)):  # the one host sync of the step: needed to raise or skip before backward
+            where = f"step {self.global_step} (batch {batch_idx}, rank {self.global_rank})"
+            keys = list(batch.keys)[:20]
+            if self.hparams.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite loss {loss.detach().cpu().item()} at {where}; batch keys {keys}. Look at those samples "
+                    "or lower the lr; model.on_nonfinite=skip skips such steps instead (one process only)"
+                )
+            self.skipped_steps += 1
+            log.warning("skipping %s: non-finite loss %s, batch keys %s (%d skipped so far)",
+                        where, loss.detach().cpu().item(), keys, self.skipped_steps)
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
+            return None
+        B = batch.num_images
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.parts.items() if k != "nonfinite"}, batch_size=B)
+        return loss
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        # Fixed noise per (rank, batch): validation losses of different epochs are comparable. No label dropout.
+        generator = self._generator(0, batch_idx, "val")
+        out = self._loss(batch, batch.y, generator)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
+        return out.loss
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def nit_meta(self) -> dict[str, Any]:
+        """What `inference.load_generator` needs to rebuild the net and decode its output."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        codec = getattr(dm, "codec_description", None)
+        return {
+            "net_config": asdict(self.net.config),
+            "codec": dict(codec) if codec is not None else None,
+            "patch_size": int(self.net.config.patch_size),
+            "latent_channels": int(self.net.config.in_channels),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nit_meta"] = self.nit_meta()
+        checkpoint["nit_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("nit_skipped_steps", 0))
+
+
+def _checkpointed(forward: Any) -> Any:
+    """Wrap a block's forward in non-reentrant activation checkpointing (recompute in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
