@@ -1,0 +1,63 @@
+"""`python -m nit_lightning reference build|show`: ADM-format reference statistics for any resolution / aspect ratio."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+import torch
+
+from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
+from nit_lightning.evaluation.reference import (PROTOCOL, build_reference, load_reference, parse_size,
+                                                save_reference)
+
+PROG = "python -m nit_lightning reference"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG,
+                                     description="build or inspect ADM-format reference batches (npz)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help=f"statistics of an image folder at HxW ({PROTOCOL})")
+    build.add_argument("--images", required=True, help="image folder (recursive; sorted by relative path)")
+    build.add_argument("--size", required=True, help="target HxW, e.g. 256x256 or 480x640")
+    build.add_argument("--out", required=True, help="output npz, e.g. references/256x256.npz")
+    build.add_argument("--features", default="inception", help=SPEC_HELP)
+    build.add_argument("--subset", type=int, default=10000, help="images kept as arr_0 (for precision/recall)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
+    build.add_argument("--batch_size", type=int, default=64)
+    build.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    build.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    show = sub.add_parser("show", help="print what a reference npz holds")
+    show.add_argument("path")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, KeyError) as error:  # user errors: the message says what to do
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.action == "build":
+        extractor = load_feature_extractor(args.features, device=args.device, batch_size=args.batch_size)
+        ref = build_reference(args.images, parse_size(args.size), extractor, subset=args.subset, seed=args.seed,
+                              batch_size=args.batch_size, num_workers=args.workers)
+        save_reference(args.out, ref)
+        print(f"wrote {args.out}: {ref.meta['num_images']} images, arr_0 {tuple(ref.images.shape)}, "
+              f"features {ref.meta['extractor']}")
+        return 0
+    ref = load_reference(args.path)
+    summary = {"meta": ref.meta, "mu": list(np.shape(ref.mu)), "sigma": list(np.shape(ref.sigma)),
+               "mu_s": list(np.shape(ref.mu_s)), "sigma_s": list(np.shape(ref.sigma_s)),
+               "arr_0": None if ref.images is None else list(ref.images.shape),
+               "arr_0_pool": None if ref.pool is None else list(ref.pool.shape)}
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,213 @@
+"""A small CNN classifier used by the CPU demo as a stand-in for Inception (NOT Inception: its FID is not FID).
+
+Every image, whatever its size, goes through the same preprocessing as Inception's: TF1 bilinear resize to
+size x size, then (x - 128) / 128. Features: "pool" = global average of the last stage (penultimate layer),
+"spatial" = first `spatial_channels` channels of the second-to-last stage's map flattened (H, W, C) — at size 64:
+8·8·8 = 512 dims, so sFID's sqrtm stays cheap on CPU (2048 dims: 181 s here) — "logits" = classifier.
+Every stage halves the map (64 -> 32 -> 16 -> 8 -> 4): ~13 MFLOPs a 64² image, so training takes about a minute on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nit_lightning.evaluation.inception import tf1_resize
+from nit_lightning.evaluation.reference import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+KIND = "nit-featurenet"
+ARCH_VERSION = 2  # 2: every stage halves, spatial from the second-to-last stage (1: full-res first stage)
+
+
+@dataclass
+class FeatureNetConfig:
+    """Architecture of the demo feature network."""
+
+    num_classes: int
+    size: int = 64
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    spatial_channels: int = 8
+
+    def __post_init__(self) -> None:
+        if len(self.widths) < 2:
+            raise ValueError(f"featurenet widths {self.widths} need at least 2 stages")
+        stride = 2 ** len(self.widths)
+        if self.size % stride or self.size < stride:
+            raise ValueError(f"featurenet size {self.size} must be a positive multiple of {stride} "
+                             f"(one halving per stage, widths {self.widths})")
+        if self.num_classes < 2:
+            raise ValueError(f"featurenet needs at least 2 classes, got {self.num_classes}")
+
+    @property
+    def spatial_dim(self) -> int:
+        side = self.size // 2 ** (len(self.widths) - 1)  # the second-to-last stage: one halving per stage before it
+        return side * side * self.spatial_channels
+
+
+def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )
+
+
+class FeatureNet(nn.Module):
+    """forward(uint8 (N, 3, H, W)) -> {"pool", "spatial", "logits"}, like the FID Inception."""
+
+    def __init__(self, config: FeatureNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = config.widths
+        self.stages = nn.ModuleList([_stage(3 if i == 0 else widths[i - 1], widths[i], 2) for i in range(len(widths))])
+        self.head = nn.Linear(widths[-1], config.num_classes)
+        self.name = "featurenet (untrained) [demo stand-in, NOT Inception]"
+        self.feature_dims = {"pool": widths[-1], "spatial": config.spatial_dim, "logits": config.num_classes}
+
+    def preprocess(self, images_N3HW: torch.Tensor) -> torch.Tensor:
+        """uint8 images of any size -> float (N, 3, size, size) in [-1, 1), the same rule for every image."""
+        if images_N3HW.dim() != 4 or images_N3HW.shape[1] != 3 or images_N3HW.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_N3HW.dtype} {tuple(images_N3HW.shape)}")
+        x = images_N3HW.to(self.head.weight.device, torch.float32)
+        x = tf1_resize(x, self.config.size, self.config.size)
+        return (x - 128.0) / 128.0
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features of preprocessed images."""
+        spatial = None
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i == len(self.stages) - 2:
+                spatial = x[:, :self.config.spatial_channels].permute(0, 2, 3, 1).flatten(1)
+        pool = x.mean(dim=(2, 3))
+        return {"pool": pool, "spatial": spatial, "logits": self.head(pool)}
+
+    def forward(self, images_N3HW: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.features(self.preprocess(images_N3HW))
+
+
+def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageNet-style folder (ROOT/<class>/<image>) -> sorted files, labels, class names."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise FileNotFoundError(f"{str(root)!r} has no class sub-folders; expected ROOT/<class>/<image>.png "
+                                "(make one with `python -m nit_lightning synth`)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(path)
+                labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}/<class>/")
+    return files, labels, classes
+
+
+def _load_uint8(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10, size: int = 64,
+                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, val_fraction: float = 0.1) -> dict:
+    """Train the classifier on an image folder, save {config, state_dict, classes, report} to `out`; the report."""
+    files, labels, classes = list_image_folder(data_dir)
+    torch.manual_seed(seed)
+    net = FeatureNet(FeatureNetConfig(num_classes=len(classes), size=size))
+    start = time.time()
+    with torch.no_grad():  # every image preprocessed once, by the rule used at evaluation time
+        x = torch.cat([net.preprocess(_load_uint8(f)[None]) for f in files])
+    y = torch.tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(files), generator=gen)
+    n_val = int(round(len(files) * val_fraction)) if len(files) >= 20 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * max(1, -(-len(train_idx) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    net.train()
+    for epoch in range(epochs):
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        total, correct, loss_sum = 0, 0, 0.0
+        for b0 in range(0, len(perm), batch_size):
+            idx = perm[b0:b0 + batch_size]
+            xb = x[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            logits = net.features(xb)["logits"]
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+            total += len(idx)
+        log.info("featurenet epoch %d/%d: loss %.4f, train acc %.3f", epoch + 1, epochs, loss_sum / total,
+                 correct / total)
+    _recalibrate_batchnorm(net, x[train_idx], batch_size)
+    net.eval()
+    report = {"images": len(files), "classes": len(classes), "train_images": int(len(train_idx)),
+              "val_images": int(n_val), "epochs": epochs, "train_loss": loss_sum / max(total, 1),
+              "train_acc": correct / max(total, 1), "seconds": round(time.time() - start, 1)}
+    if n_val:
+        with torch.no_grad():
+            pred = net.features(x[val_idx])["logits"].argmax(1)
+        report["val_acc"] = float((pred == y[val_idx]).double().mean())
+    save_featurenet(net, out, classes=classes, report=report)
+    return report
+
+
+@torch.no_grad()
+def _recalibrate_batchnorm(net: FeatureNet, x: torch.Tensor, batch_size: int) -> None:
+    """Exact BN statistics of the final weights (a short run leaves the momentum-0.1 running averages stale)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    net.train()
+    for b0 in range(0, len(x), batch_size):
+        net.features(x[b0:b0 + batch_size])
+    for m in norms:
+        m.momentum = 0.1
+
+
+def save_featurenet(net: FeatureNet, out: str | Path, *, classes: list[str], report: dict) -> None:
+    """Write the network with its config; the file says it is not Inception."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"kind": KIND, "arch_version": ARCH_VERSION, "note": "demo stand-in for Inception; its FID/IS are NOT comparable to published ones",
+               "config": asdict(net.config), "state_dict": net.state_dict(), "classes": classes, "report": report}
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+
+
+def load_featurenet(path: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
+    """Load a saved feature net strictly; its `name` carries a hash of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"featurenet file {str(path)!r} not found; train one with "
+                                "`python -m nit_lightning featurenet --data DIR --out FILE.pt`")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("kind") != KIND:
+        raise ValueError(f"{str(path)!r} is not a featurenet file (kind {payload.get('kind') if isinstance(payload, dict) else None!r})")
+    if payload.get("arch_version") != ARCH_VERSION:
+        raise ValueError(f"{str(path)!r} is a featurenet of architecture version {payload.get('arch_version', 1)}, "
+                         f"this code builds version {ARCH_VERSION}: retrain it with `python -m nit_lightning featurenet`")
+    net = FeatureNet(FeatureNetConfig(**payload["config"]))
+    net.load_state_dict(payload["state_dict"], strict=True)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    net.name = f"featurenet-{digest} [demo stand-in, NOT Inception]"
+    return net.to(device).eval()

@@ -1,0 +1,213 @@
+"""`evaluate` and `sweep`: metrics of a sample set, per-setting resume, failure isolation, the real sample command."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nit_lightning.commands import evaluate as evaluate_cmd
+from nit_lightning.commands import sweep as sweep_cmd
+from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
+from nit_lightning.evaluation.features import load_feature_extractor
+from nit_lightning.evaluation.reference import Reference, nhwc_to_tensor, save_reference
+from nit_lightning.evaluation.sweep import evaluate_samples, load_sweep, run_sweep
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny ops on the shared 2-core machine are much slower with 2 OpenMP threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def features(tmp_path) -> str:
+    torch.manual_seed(0)
+    # narrow widths: 64-d pool, 128-d spatial keep scipy sqrtm fast (256-d: 0.75 s a call here)
+    save_featurenet(FeatureNet(FeatureNetConfig(num_classes=3, size=16, widths=[8, 16, 32, 64])), tmp_path / "fnet.pt",
+                    classes=["a", "b", "c"], report={})
+    return f"featurenet:{tmp_path / 'fnet.pt'}"
+
+
+def _images(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+def _reference(path, spec: str, h: int, w: int, n: int = 40, seed: int = 0) -> None:
+    """A reference batch made directly from random images with `spec`'s extractor."""
+    extractor = load_feature_extractor(spec)
+    images = _images(n, h, w, seed)
+    f = extractor(nhwc_to_tensor(images))
+    pool, spatial = f["pool"].double().numpy(), f["spatial"].double().numpy()
+    save_reference(path, Reference(mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), mu_s=spatial.mean(0),
+                                   sigma_s=np.cov(spatial, rowvar=False), images=images,
+                                   meta={"extractor": extractor.name, "size": [h, w]}))
+
+
+def test_evaluate_cli_json_and_sanity(tmp_path, features):
+    _reference(tmp_path / "ref.npz", features, 16, 24)
+    np.savez(tmp_path / "same.npz", arr_0=_images(40, 16, 24, 0))  # the very images of the reference
+    np.savez(tmp_path / "other.npz", arr_0=np.zeros((30, 16, 24, 3), np.uint8) + 200)
+    assert evaluate_cmd.main(["--samples", str(tmp_path / "same.npz"), "--ref", str(tmp_path / "ref.npz"),
+                              "--features", features, "--out", str(tmp_path / "res.json")]) == 0
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert abs(res["fid"]) < 1e-3 and abs(res["sfid"]) < 1e-3 and res["num_samples"] == 40
+    assert res["precision"] == 1.0 and res["recall"] == 1.0 and "NOT the FID Inception" in res["warning"]
+    assert res["settings"]["features"] == features
+    other = evaluate_samples(tmp_path / "other.npz", tmp_path / "ref.npz", load_feature_extractor(features))
+    assert other["fid"] > 100 * abs(res["fid"]) + 1e-9 and other["num_samples"] == 30  # untrained net: small scale
+    np.savez(tmp_path / "big.npz", arr_0=_images(4, 32, 32, 1))
+    with pytest.raises(ValueError, match="samples are 32x32 but reference"):
+        evaluate_samples(tmp_path / "big.npz", tmp_path / "ref.npz", load_feature_extractor(features))
+
+
+def test_evaluate_png_folder_equals_npz(tmp_path, features):
+    from PIL import Image
+
+    _reference(tmp_path / "ref.npz", features, 16, 16)
+    images = _images(12, 16, 16, 5)
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    (tmp_path / "pngs").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "pngs" / f"{i:06d}.png")
+    extractor = load_feature_extractor(features)
+    a = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", extractor)
+    b = evaluate_samples(tmp_path / "pngs", tmp_path / "ref.npz", extractor)
+    assert a["fid"] == pytest.approx(b["fid"]) and a["is"] == pytest.approx(b["is"])
+
+
+def _sweep_file(path, sizes) -> None:
+    settings = [{"size": s, "method": "euler", "steps": 2, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.7],
+                 "published": {"fid": 1.0, "sfid": 2.0, "is": 3.0, "precision": 0.5, "recall": 0.5}} for s in sizes]
+    path.write_text(yaml.safe_dump({"name": "toy", "settings": settings}))
+
+
+def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
+    """A stubbed run_sample: one setting lacks its reference and fails, the other finishes and is reused later."""
+    _sweep_file(tmp_path / "toy.yaml", ["16x16", "16x32"])
+    (tmp_path / "refs").mkdir()
+    _reference(tmp_path / "refs" / "16x16.npz", features, 16, 16)
+    calls = []
+
+    def stub(setting, out_dir):
+        calls.append(setting["size"])
+        h, w = map(int, setting["size"].split("x"))
+        path = out_dir / setting["size"] / "samples.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, arr_0=_images(10, h, w, 9))
+        return path
+
+    extractor = load_feature_extractor(features)
+    kwargs = dict(ref_dir=tmp_path / "refs", out=tmp_path / "out", num=10, extractor=extractor, sample_fn=stub)
+    summary = run_sweep(tmp_path / "toy.yaml", **kwargs)
+    assert summary["results"]["16x16"]["status"] == "ok"
+    assert summary["results"]["16x32"]["status"] == "failed" and "16x32.npz" in summary["results"]["16x32"]["error"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| 16x16 | EULER 2 | 1.5 | [0, 0.7] | 10 |" in table and "(1.00)" in table and "failed" in table
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["num"] == 10
+    assert list((tmp_path / "out" / "tb").iterdir())
+    _reference(tmp_path / "refs" / "16x32.npz", features, 16, 32)
+    calls.clear()
+    summary = run_sweep(tmp_path / "toy.yaml", **kwargs)
+    assert calls == ["16x32"]  # the finished 16x16 was reused, not resampled
+    assert all(r["status"] == "ok" for r in summary["results"].values())
+    calls.clear()
+    run_sweep(tmp_path / "toy.yaml", **{**kwargs, "num": 10}, only=["16x32"])
+    assert calls == []
+    with pytest.raises(ValueError, match="not in"):
+        run_sweep(tmp_path / "toy.yaml", **kwargs, only=["64x64"])
+
+
+def test_published_sweep_files_carry_the_spec_table():
+    res = load_sweep("experiments/sweeps/resolution.yaml")
+    ar = load_sweep("experiments/sweeps/aspect_ratio.yaml")
+    assert [s["size"] for s in res["settings"]] == ["256x256", "512x512", "768x768", "1024x1024", "1536x1536",
+                                                     "2048x2048"]
+    assert [s["size"] for s in ar["settings"]] == ["320x960", "416x768", "480x640", "640x480", "768x416", "960x320"]
+    first = res["settings"][0]
+    assert (first["method"], first["steps"], first["cfg_scale"], first["cfg_interval"]) == ("sde", 250, 2.25, [0, 0.7])
+    assert first["published"] == {"fid": 2.16, "sfid": 6.34, "is": 253.44, "precision": 0.79, "recall": 0.62}
+    assert ar["settings"][0]["published"]["fid"] == 16.85 and ar["settings"][-1]["cfg_scale"] == 4.5
+
+
+def _debug_ckpt(path) -> None:
+    """A Lightning-style checkpoint (docs/architecture.md) of a random NiT-debug with PixelCodec(2)."""
+    from nit_lightning.data.codecs import PixelCodec
+    from nit_lightning.models import build_nit
+
+    torch.manual_seed(0)
+    net = build_nit("NiT-debug", in_channels=12, num_classes=3)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.save({"nit_meta": {"net_config": dataclasses.asdict(net.config), "codec": PixelCodec(2).describe(),
+                             "patch_size": 1, "latent_channels": 12},
+                "state_dict": {f"net.{k}": v for k, v in state.items()}, "ema_state_dict": state}, path)
+
+
+@pytest.mark.slow
+def test_sweep_cli_end_to_end_with_the_sample_command(tmp_path, features):
+    _debug_ckpt(tmp_path / "last.ckpt")
+    _sweep_file(tmp_path / "toy.yaml", ["16x16", "8x24"])
+    (tmp_path / "refs").mkdir()
+    _reference(tmp_path / "refs" / "16x16.npz", features, 16, 16)
+    _reference(tmp_path / "refs" / "8x24.npz", features, 8, 24)
+    argv = ["--sweep", str(tmp_path / "toy.yaml"), "--ckpt", str(tmp_path / "last.ckpt"), "--ref_dir",
+            str(tmp_path / "refs"), "--num", "6", "--out", str(tmp_path / "out"), "--features", features,
+            "--device", "cpu"]
+    assert sweep_cmd.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    for size in ("16x16", "8x24"):
+        metrics = summary["results"][size]["metrics"]
+        assert metrics["num_samples"] == 6 and np.isfinite(metrics["fid"]) and 0 <= metrics["precision"] <= 1
+    assert (tmp_path / "out" / "samples" / "8x24").is_dir()
+    assert sweep_cmd.main(argv + ["--settings", "8x24"]) == 0  # reused, nothing resampled
+
+
+def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, features):
+    """The training callback with a stub trainer: EMA swapped in, metrics logged, ranks 0+1 == one rank."""
+    from types import SimpleNamespace
+
+    from nit_lightning.data.codecs import PixelCodec
+    from nit_lightning.evaluation.callback import EvaluationCallback, sample_features
+    from nit_lightning.models import build_nit
+
+    torch.manual_seed(0)
+    net = build_nit("NiT-debug", in_channels=12, num_classes=3)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    (tmp_path / "refs").mkdir()
+    _reference(tmp_path / "refs" / "8x8.npz", features, 8, 8)
+    setting = {"size": "8x8", "method": "euler", "steps": 2, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.7]}
+    extractor = load_feature_extractor(features)
+    one = sample_features(net, PixelCodec(2), setting, extractor, num=6)
+    parts = [sample_features(net, PixelCodec(2), setting, extractor, num=6, rank=r, world=2) for r in (0, 1)]
+    torch.testing.assert_close(parts[0].pool_total + parts[1].pool_total, one.pool_total)
+    assert int(parts[0].count + parts[1].count) == 6
+
+    swaps, logged = [], []
+
+    class FakeEMA:
+        def swapped_in(self, module):
+            swaps.append(module)
+            return __import__("contextlib").nullcontext()
+
+    logger = SimpleNamespace(log_metrics=lambda scalars, step: logged.append((step, scalars)))
+    trainer = SimpleNamespace(global_step=5, global_rank=0, world_size=1, is_global_zero=True, loggers=[logger],
+                              callbacks=[FakeEMA()], datamodule=SimpleNamespace(codec_description=PixelCodec(2).describe()))
+    module = SimpleNamespace(net=net)
+    cb = EvaluationCallback(str(tmp_path / "refs"), every_n_steps=5, settings=[setting], num_samples=6,
+                            features=features)
+    cb.setup(trainer, module, "fit")
+    cb.on_train_batch_end(trainer, module, None, None, 0)
+    assert swaps == [module] and logged[0][0] == 5
+    assert set(logged[0][1]) == {f"eval/8x8/{k}" for k in ("fid", "sfid", "is", "precision", "recall")}
+    assert cb.last_results["8x8"]["num_samples"] == 6
+    with pytest.raises(FileNotFoundError, match="16x16.npz"):
+        EvaluationCallback(str(tmp_path / "refs"), settings=[{**setting, "size": "16x16"}]).setup(trainer, module, "fit")
