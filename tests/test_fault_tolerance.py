@@ -1,0 +1,313 @@
+"""Fault tolerance: newest-valid checkpoint selection, corrupt-file fallback, stop + requeue on a signal, exact resume."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from nit_lightning.training.fault_tolerance import (
+    EXIT_OK,
+    EXIT_REQUEUE,
+    RequeueExit,
+    RequeueOnSignal,
+    apply_auto_resume,
+    find_resume_checkpoint,
+    slurm_job_id,
+)
+
+
+def _fake_ckpt(path: Path, step: int, *, size: int = 2000, **drop: bool) -> Path:
+    checkpoint = {"state_dict": {"w": torch.full((size,), float(step))}, "global_step": step, "loops": {"fit_loop": {}}}
+    for key in drop:
+        checkpoint.pop(key)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_newest_by_recorded_step_not_name_or_mtime(tmp_path):
+    _fake_ckpt(tmp_path / "step=000200.ckpt", 200)
+    _fake_ckpt(tmp_path / "step=000100.ckpt", 100)
+    _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 300)  # Lightning's SLURM save, newer than all
+    _fake_ckpt(tmp_path / "last.ckpt", 250)
+    os.utime(tmp_path / "step=000100.ckpt", (2e9, 2e9))  # newest mtime must not matter
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    (tmp_path / "hpc_ckpt_1.ckpt").unlink()
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+def test_tie_prefers_last(tmp_path):
+    _fake_ckpt(tmp_path / "step=000200.ckpt", 200)
+    _fake_ckpt(tmp_path / "last.ckpt", 200)
+    assert find_resume_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+def test_truncated_last_falls_back_with_warning(tmp_path, caplog):
+    _fake_ckpt(tmp_path / "step=000100.ckpt", 100)
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 150))
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_checkpoint(tmp_path) == str(tmp_path / "step=000100.ckpt")
+    assert "last.ckpt" in caplog.text and "does not load" in caplog.text
+
+
+def test_flipped_byte_fails_crc_and_falls_back(tmp_path, caplog):
+    _fake_ckpt(tmp_path / "step=000100.ckpt", 100)
+    last = _fake_ckpt(tmp_path / "last.ckpt", 150, size=20000)
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor record: torch.load would not notice
+    last.write_bytes(bytes(data))
+    assert torch.load(last, weights_only=True)["global_step"] == 150
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_checkpoint(tmp_path) == str(tmp_path / "step=000100.ckpt")
+    assert "CRC" in caplog.text
+
+
+def test_missing_keys_and_garbage_are_skipped(tmp_path, caplog):
+    _fake_ckpt(tmp_path / "step=000100.ckpt", 100)
+    _fake_ckpt(tmp_path / "step=000300.ckpt", 300, loops=True)  # a weights-only save cannot resume training
+    (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "last.ckpt.tmp").write_bytes(b"half a save")  # never a candidate
+    with caplog.at_level(logging.WARNING):
+        assert find_resume_checkpoint(tmp_path) == str(tmp_path / "step=000100.ckpt")
+    assert "['loops']" in caplog.text and "last.ckpt" in caplog.text
+
+
+def test_nothing_to_resume(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "missing") is None
+    assert find_resume_checkpoint(tmp_path) is None
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 5))
+    assert find_resume_checkpoint(tmp_path) is None
+
+
+def test_extra_dirs_find_hpc_checkpoints(tmp_path):
+    ckpt_dir, root = tmp_path / "ckpt", tmp_path / "root"
+    ckpt_dir.mkdir(), root.mkdir()
+    _fake_ckpt(ckpt_dir / "last.ckpt", 10)
+    _fake_ckpt(root / "hpc_ckpt_2.ckpt", 12)
+    assert find_resume_checkpoint(ckpt_dir, extra_dirs=[root]) == str(root / "hpc_ckpt_2.ckpt")
+
+
+def test_apply_auto_resume(tmp_path):
+    explicit = _fake_ckpt(tmp_path / "explicit.ckpt", 1)
+    ckpt_dir = tmp_path / "ckpt"
+    assert apply_auto_resume(None, ckpt_dir) is None  # fresh start
+    assert apply_auto_resume(str(explicit), ckpt_dir) == str(explicit)  # explicit path wins
+    with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
+        apply_auto_resume("last", ckpt_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        apply_auto_resume(str(tmp_path / "nope.ckpt"), ckpt_dir)
+    ckpt_dir.mkdir()
+    _fake_ckpt(ckpt_dir / "step=000004.ckpt", 4)
+    _truncate(_fake_ckpt(ckpt_dir / "last.ckpt", 6))
+    assert apply_auto_resume(None, ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
+    assert apply_auto_resume("last", ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
+    assert apply_auto_resume(str(explicit), ckpt_dir) == str(explicit)
+
+
+def test_slurm_job_id_of_arrays(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "1001")
+    assert slurm_job_id() == "1001"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1000")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert slurm_job_id() == "1000_2"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="SIGFOO"):
+        RequeueOnSignal(signals=("SIGFOO",))
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        RequeueOnSignal(check_every_n_steps=0)
+
+
+class _StepSeeded(LightningModule):
+    """A tiny regression whose batch at step k is drawn from a generator seeded by (seed, k): resume is exact."""
+
+    def __init__(self, signal_at: int | None = None, signum: int = signal.SIGUSR1) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.signal_at, self.signum = signal_at, signum
+
+    def training_step(self, batch, batch_idx):
+        generator = torch.Generator().manual_seed(1000 + self.global_step)
+        x = torch.randn(32, 8, generator=generator)
+        y = x.sum(dim=1, keepdim=True).sin()
+        if self.signal_at is not None and self.global_step == self.signal_at:
+            os.kill(os.getpid(), self.signum)  # as SLURM would, in the middle of a step
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(range(10_000), batch_size=1)
+
+
+def _trainer(root: Path, callbacks: list, max_steps: int = 8) -> Trainer:
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1000, save_last=False)
+    return Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint, *callbacks])
+
+
+@pytest.fixture
+def no_slurm(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("SLURM_"):
+            monkeypatch.delenv(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons: no load-dependent thread counts in MKL (see _fit below)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_stops_and_resumes_exactly(tmp_path, no_slurm, signum):
+    torch.manual_seed(0)
+    reference = _StepSeeded()
+    _trainer(tmp_path / "ref", []).fit(reference)
+
+    torch.manual_seed(0)
+    callback = RequeueOnSignal()
+    trainer = _trainer(tmp_path / "run", [callback])
+    with pytest.raises(RequeueExit) as stop:
+        trainer.fit(_StepSeeded(signal_at=3, signum=signum))
+    assert stop.value.code == EXIT_REQUEUE
+    assert callback.stopped_at_step == 4 and trainer.global_step == 4  # the signalled step finished, then it stopped
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    assert callback.saved_path == str(last) and not Path(str(last) + ".tmp").exists()
+    assert signal.getsignal(signum) is not callback._handler  # handlers restored
+
+    resume = apply_auto_resume(None, tmp_path / "run" / "ckpt")
+    assert resume == str(last)
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = _StepSeeded()
+    trainer = _trainer(tmp_path / "run", [RequeueOnSignal()])
+    trainer.fit(resumed, ckpt_path=resume)
+    assert trainer.global_step == 8
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_requeue_calls_scontrol_under_slurm(tmp_path, no_slurm, monkeypatch):
+    log_file = tmp_path / "scontrol.log"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log_file}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    callback = RequeueOnSignal()
+    with pytest.raises(RequeueExit) as stop:
+        _trainer(tmp_path, [callback]).fit(_StepSeeded(signal_at=1))
+    assert log_file.read_text().split() == ["requeue", "4242"]
+    assert callback.stopped_at_step == 2 and stop.value.code == EXIT_OK
+
+    log_file.unlink()
+    with pytest.raises(RequeueExit) as stop:  # SIGTERM = scancel or preemption: save and exit, never requeue
+        _trainer(tmp_path / "term", [RequeueOnSignal()]).fit(_StepSeeded(signal_at=1, signum=signal.SIGTERM))
+    assert stop.value.code == EXIT_REQUEUE and not log_file.exists()
+
+    fake.write_text("#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\nexit 1\n")
+    with pytest.raises(RequeueExit) as stop:
+        _trainer(tmp_path / "again", [RequeueOnSignal()]).fit(_StepSeeded(signal_at=1))
+    assert stop.value.code == EXIT_REQUEUE  # not requeued: the caller must restart it
+
+
+# ---- end to end: `fit` of experiments/debug.yaml in a subprocess, SIGUSR1 from outside, restart, same result ----------
+REPO = Path(__file__).resolve().parents[1]
+def _write_shards(directory: Path) -> None:
+    from nit_lightning.data.codecs import PixelCodec
+    from nit_lightning.data.shards import ShardWriter, build_index, sample_members
+
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(4, 4), (4, 8), (8, 4), (8, 8), (4, 6)]  # latent grids (h, w) of a pixel codec f=2: 12 channels
+    for shard in range(2):
+        writer = ShardWriter(directory / f"shard-{shard:06d}.tar")
+        for i in range(12):
+            h, w = sizes[(shard * 12 + i) % len(sizes)]
+            latent = torch.randn(12, h, w, generator=generator)
+            key = f"s{shard}i{i}"
+            writer.write(key, sample_members(key, latent, (shard * 12 + i) % 10, latent_flip=latent.flip(-1)), h * w)
+        writer.close()
+    build_index(directory, {"codec": PixelCodec(2).describe(), "latent_channels": 12})
+
+
+def _fit(cwd: Path, shards: Path, *extra: str) -> "subprocess.Popen":
+    import subprocess
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    # one thread: with several, MKL picks its thread count by machine load (MKL_DYNAMIC), which changes gemm
+    # reduction order and so the last bits (measured: 4e-8 apart after 10 steps when two runs overlap on 2 cores)
+    env.update(PYTHONPATH=str(REPO), NIT_CKPT_DIR=str(cwd / "ckpt"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args = [
+        "fit", "--config", str(REPO / "experiments" / "debug.yaml"),
+        "--data.sources", f'[{{"path": "{shards}", "weight": 1.0}}]', "--data.tokens_per_pack", "128",
+        "--trainer.max_steps", "10", "--trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal",
+        *extra,
+    ]
+    log_file = open(cwd / "fit.log", "ab")
+    # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
+    return subprocess.Popen([sys.executable, "-m", "nit_lightning", *args], cwd=cwd, env=env, stdout=log_file,
+                            stderr=subprocess.STDOUT)
+
+
+def _state(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return {"net": checkpoint["state_dict"], "ema": checkpoint["ema_state_dict"], "step": checkpoint["global_step"],
+            "optimizer": checkpoint["optimizer_states"][0]["state"]}
+
+
+@pytest.mark.slow
+def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
+    import time
+
+    shards = tmp_path / "shards"
+    _write_shards(shards)
+    reference = _fit(tmp_path / "ref", shards)  # runs alongside the interrupted one: 2 cores, half the wall time
+
+    marks = tmp_path / "run" / "marks"  # a second ModelCheckpoint saving every step tells the test training has begun
+    interrupted = _fit(tmp_path / "run", shards, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                       f"--trainer.callbacks.dirpath={marks}", "--trainer.callbacks.every_n_train_steps=1",
+                       "--trainer.callbacks.save_top_k=-1")
+    deadline = time.time() + 300
+    while not list(marks.glob("*step=3*.ckpt")) and interrupted.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGUSR1)
+    assert interrupted.wait(300) == EXIT_REQUEUE, (tmp_path / "run" / "fit.log").read_text()[-3000:]
+    last = tmp_path / "run" / "ckpt" / "last.ckpt"
+    stopped = _state(last)["step"]
+    assert 3 <= stopped < 10, stopped
+    assert f"saving {last} at global step {stopped}" in (tmp_path / "run" / "fit.log").read_text()
+
+    resumed = _fit(tmp_path / "run", shards)  # the same command again: auto-resume picks last.ckpt
+    assert resumed.wait(300) == EXIT_OK, (tmp_path / "run" / "fit.log").read_text()[-3000:]
+    assert reference.wait(300) == EXIT_OK, (tmp_path / "ref" / "fit.log").read_text()[-3000:]
+    assert f"auto-resume: resuming from {last}" in (tmp_path / "run" / "fit.log").read_text()
+
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]  # overwritten in place, no last-v1
+    a, b = _state(tmp_path / "ref" / "ckpt" / "last.ckpt"), _state(last)
+    assert a["step"] == b["step"] == 10
+    for part in ("net", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part} {key} differs after resume"
+    for index, state in a["optimizer"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
