@@ -1,0 +1,292 @@
+"""NiT: packed class-conditional diffusion transformer (SPEC §1), its size presets and `build_nit`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nit_lightning.models.attention import BACKENDS, packed_attention
+from nit_lightning.models.packed import PackedMeta
+from nit_lightning.models.rope import ROPE_LAYOUTS, apply_rope
+
+
+@dataclass
+class NiTConfig:
+    """Architecture of a NiT; `dataclasses.asdict` of it is what checkpoints store."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    in_channels: int = 32
+    patch_size: int = 1
+    num_classes: int = 1000
+    rope_layout: str = "rowcol"  # "reference" reproduces the official checkpoints' transposed grid (SPEC §1.1)
+    attn_backend: str = "auto"
+    modulation_rank: int | None = None  # XXL: adaLN as LoRA D -> rank -> 6D, no nonlinearity
+    rope_theta: float = 10000.0
+    rope_ntk_scale: float = 1.0  # NTK-aware base scaling, s = test / train length; 1 = off
+    rope_interp_scale: float = 1.0  # linear position interpolation, positions / s; 1 = off
+    projector_dim: int | None = None  # REPA projector output (encoder feature dim); None = no projector
+    projector_hidden: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for axial 2D RoPE")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout {self.rope_layout!r} unknown; valid: {list(ROPE_LAYOUTS)}")
+        if self.attn_backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"attn_backend {self.attn_backend!r} unknown; valid: {['auto', *BACKENDS]}")
+        for name in ("depth", "hidden_size", "num_heads", "in_channels", "patch_size", "num_classes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def token_dim(self) -> int:
+        """C·p·p: width of one packed input/output token."""
+        return self.in_channels * self.patch_size**2
+
+
+PRESETS: dict[str, dict] = {
+    "NiT-S": dict(depth=12, hidden_size=384, num_heads=6),
+    "NiT-B": dict(depth=12, hidden_size=768, num_heads=12),
+    "NiT-L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "NiT-XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "NiT-XXL": dict(depth=40, hidden_size=1536, num_heads=24, modulation_rank=512),
+    "NiT-debug": dict(depth=2, hidden_size=64, num_heads=2),
+}
+
+
+def build_nit(name: str, **overrides) -> "NiT":
+    """A NiT from a preset name, with any NiTConfig field overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown NiT preset {name!r}; valid: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(NiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown NiTConfig field(s) {unknown}; valid: {sorted(fields)}")
+    return NiT(NiTConfig(**{**PRESETS[name], **overrides}))
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) raw t in [0, 1] -> (B, dim) sinusoidal features, order [cos, sin], fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class PatchEmbed(nn.Module):
+    """Linear(C·p·p -> D) per token; the official 1×1 conv with its kernel flattened."""
+
+    def __init__(self, token_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(token_dim, hidden)
+
+    def forward(self, x_NC: torch.Tensor) -> torch.Tensor:
+        return self.proj(x_NC)
+
+
+class TimestepEmbedder(nn.Module):
+    """256 sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t_B: torch.Tensor) -> torch.Tensor:
+        f = timestep_features(t_B, self.freq_dim)
+        return self.mlp(f.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Table of num_classes + 1 rows; the last row is the null class for CFG (dropout lives in the training step)."""
+
+    def __init__(self, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y_B: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y_B)
+
+
+class Attention(nn.Module):
+    """qkv -> qk-norm (LN over head_dim) -> 2D RoPE -> packed attention -> proj."""
+
+    def __init__(self, hidden: int, num_heads: int, backend: str) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = num_heads, hidden // num_heads, backend
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-5)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x_ND: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        n = x_ND.shape[0]
+        q, k, v = self.qkv(x_ND).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 × (N, H, Dh)
+        # LayerNorm runs in fp32 under autocast; cast back so q, k, v share v's dtype for the kernels.
+        q = apply_rope(self.q_norm(q), meta.rope_cos, meta.rope_sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), meta.rope_cos, meta.rope_sin).to(v.dtype)
+        o = packed_attention(
+            q, k, v, meta.cu_seqlens, meta.max_seqlen, self.backend, meta.seqlens_host, cache=meta.cache
+        )
+        return self.proj(o.reshape(n, -1))
+
+
+class Mlp(nn.Module):
+    """D -> ratio·D -> D with GELU (tanh)."""
+
+    def __init__(self, hidden: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _modulation(hidden: int, chunks: int, rank: int | None) -> nn.Sequential:
+    """SiLU -> Linear(D, k·D), or the LoRA form SiLU -> Linear(D, r) -> Linear(r, k·D) with no nonlinearity between."""
+    if rank is None:
+        return nn.Sequential(nn.SiLU(), nn.Linear(hidden, chunks * hidden))
+    return nn.Sequential(nn.SiLU(), nn.Linear(hidden, rank), nn.Linear(rank, chunks * hidden))
+
+
+def _modulate(x_ND: torch.Tensor, shift_ND: torch.Tensor, scale_ND: torch.Tensor) -> torch.Tensor:
+    return x_ND * (1 + scale_ND) + shift_ND
+
+
+class NiTBlock(nn.Module):
+    """adaLN-Zero transformer block with per-image modulation broadcast to tokens (packed adaLN)."""
+
+    def __init__(self, cfg: NiTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, cfg.attn_backend)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
+        self.adaLN_modulation = _modulation(d, 6, cfg.modulation_rank)
+
+    def forward(self, x_ND: torch.Tensor, c_BD: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        # Modulation on B image vectors, not N tokens: for N/B = 256 that is 256× fewer FLOPs than per token.
+        mod_N6D = meta.broadcast(self.adaLN_modulation(c_BD))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod_N6D.chunk(6, dim=-1)
+        x_ND = x_ND + gate_msa * self.attn(_modulate(self.norm1(x_ND), shift_msa, scale_msa), meta)
+        x_ND = x_ND + gate_mlp * self.mlp(_modulate(self.norm2(x_ND), shift_mlp, scale_mlp))
+        return x_ND
+
+
+class FinalLayer(nn.Module):
+    """LN -> modulate(shift, scale from c) -> Linear(D -> C·p·p)."""
+
+    def __init__(self, hidden: int, token_dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, token_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x_ND: torch.Tensor, c_BD: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
+        shift, scale = meta.broadcast(self.adaLN_modulation(c_BD)).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x_ND), shift, scale))
+
+
+def make_projector(hidden: int, proj_hidden: int, z_dim: int) -> nn.Sequential:
+    """REPA projector Linear(D, 2048) -> SiLU -> Linear(2048, 2048) -> SiLU -> Linear(2048, z_dim) (SPEC §3)."""
+    return nn.Sequential(
+        nn.Linear(hidden, proj_hidden), nn.SiLU(), nn.Linear(proj_hidden, proj_hidden), nn.SiLU(),
+        nn.Linear(proj_hidden, z_dim),
+    )
+
+
+class NiT(nn.Module):
+    """Packed NiT: forward(x (N, C·p·p), t (B,), y (B,), hw (B, 2)) -> velocity (N, C·p·p)."""
+
+    def __init__(self, config: NiTConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.token_dim, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        self.blocks = nn.ModuleList([NiTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, cfg.token_dim)
+        self.projector = (
+            make_projector(d, cfg.projector_hidden, cfg.projector_dim) if cfg.projector_dim is not None else None
+        )
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        """SPEC §1.5: xavier Linear / zero bias, N(0, .02) label table and t-MLP, zero adaLN outputs and final linear."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def build_meta(self, hw: torch.Tensor, num_tokens: int) -> PackedMeta:
+        """PackedMeta for this net's RoPE settings, on its device; reuse it across sampler steps with the same hw."""
+        cfg = self.config
+        return PackedMeta.build(
+            hw, num_tokens, cfg.head_dim, device=self.x_embedder.proj.weight.device, rope_layout=cfg.rope_layout,
+            rope_theta=cfg.rope_theta, rope_ntk_scale=cfg.rope_ntk_scale, rope_interp_scale=cfg.rope_interp_scale,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        hw: torch.Tensor,
+        *,
+        return_hidden_at: int | None = None,
+        meta: PackedMeta | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity (N, C·p·p); with return_hidden_at=k also the hidden state after block k (1-based)."""
+        cfg = self.config
+        if x.ndim != 2 or x.shape[1] != cfg.token_dim:
+            raise ValueError(
+                f"x must be packed (N, C·p·p) = (N, {cfg.token_dim}) for in_channels={cfg.in_channels}, "
+                f"patch_size={cfg.patch_size}; got {tuple(x.shape)}"
+            )
+        if t.shape != (hw.shape[0],) or y.shape != (hw.shape[0],):
+            raise ValueError(f"t {tuple(t.shape)} and y {tuple(y.shape)} must be (B,) with B = {hw.shape[0]} (from hw)")
+        if return_hidden_at is not None and not 1 <= return_hidden_at <= cfg.depth:
+            raise ValueError(f"return_hidden_at must be in 1..{cfg.depth} (block k, 1-based), got {return_hidden_at}")
+        if meta is None:
+            meta = self.build_meta(hw, x.shape[0])
+        elif meta.num_tokens != x.shape[0]:
+            raise ValueError(f"meta was built for {meta.num_tokens} tokens but x has {x.shape[0]}; rebuild it for this hw")
+        x_ND = self.x_embedder(x)
+        c_BD = self.t_embedder(t) + self.y_embedder(y)
+        hidden = None
+        for i, block in enumerate(self.blocks):
+            x_ND = block(x_ND, c_BD, meta)
+            if return_hidden_at == i + 1:
+                hidden = x_ND
+        v = self.final_layer(x_ND, c_BD, meta)
+        return v if return_hidden_at is None else (v, hidden)
