@@ -127,6 +127,11 @@ class EMA(Callback):
         self._to_device(pl_module.device)
         self._last_global_step = trainer.global_step
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # FSDP / ModelParallel strategies restore callback state after on_fit_start: a resumed shadow would stay on
+        # the CPU and every update would copy the parameters there. Move it (a no-op when already in place).
+        self._to_device(pl_module.device)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimiser steps: with accumulate_grad_batches = k it moves once every k batches, and not
         # at all on a skipped (non-finite) step, so the EMA follows the optimiser exactly.
