@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from nit_lightning.data.codecs import Codec, codec_from_description, codec_from_spec
-from nit_lightning.models import NiT, NiTConfig, build_nit, load_official_checkpoint
+from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
+from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, dict[str, 
     layout = rope_layout or "reference"
     if layout != "reference":
         log.warning("official checkpoints were trained with rope_layout 'reference'; using %r as asked", layout)
-    net = build_nit("NiT-XL", rope_layout=layout)
+    # The architecture (depth, width, heads, LoRA rank, projector) is read off the file's shapes, so any official
+    # size loads, and REPA projector weights load into the net instead of being skipped.
+    net = NiT(config_from_official(path, rope_layout=layout))
     report = load_official_checkpoint(net, path)
     meta = {
         "net_config": dataclasses.asdict(net.config), "codec": None, "patch_size": net.config.patch_size,
@@ -174,7 +177,7 @@ def load_generator(
     device: str | torch.device = "cpu",
     codec: Codec | str | dict | None = None,
 ) -> Generator:
-    """Lightning `.ckpt` (EMA weights unless use_ema=False; strict) or official NiT-XL `.safetensors` (needs `codec`)."""
+    """Lightning `.ckpt` (EMA weights unless use_ema=False; strict) or an official `.safetensors` (needs `codec`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a Lightning .ckpt or an official .safetensors")
