@@ -201,19 +201,18 @@ def test_sweep_file_settings_per_size(ckpt, tmp_path):
     assert (b["method"], b["steps"], b["cfg_scale"]) == ("sde", 3, 1.0)  # --steps fills what the file leaves open
 
 
-def test_official_safetensors_plumbing(tmp_path, monkeypatch):
-    """An official-named safetensors file loads strictly with the reference RoPE layout (NiT-debug stands in for XL)."""
+def test_official_safetensors_plumbing(tmp_path):
+    """An official-named safetensors file loads strictly with the reference RoPE layout; its size is read off the file."""
     from safetensors.torch import save_file
 
-    import nit_lightning.inference as inference
     from nit_lightning.models import official_state_dict
 
     src = build_nit("NiT-debug", in_channels=12, rope_layout="reference")
     for p in src.parameters():
         p.data.normal_(0, 0.1)
     save_file({k: v.contiguous() for k, v in official_state_dict(src).items()}, str(tmp_path / "model.safetensors"))
-    monkeypatch.setattr(inference, "build_nit", lambda name, **kw: build_nit("NiT-debug", in_channels=12, **kw))
     gen = load_generator(tmp_path / "model.safetensors", codec="pixel:2")
     assert gen.net.config.rope_layout == "reference" and gen.meta["weights"].startswith("official")
+    assert (gen.net.config.depth, gen.net.config.hidden_size, gen.net.config.num_heads) == (2, 64, 2)
     for (k, a), b in zip(src.state_dict().items(), gen.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
