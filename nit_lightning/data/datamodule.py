@@ -184,6 +184,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         on_error: str = "skip",
         val_sources: list[dict] | None = None,
         packs_per_epoch: int | None = None,
+        test_sources: list[dict] | None = None,
     ):
         super().__init__()
         if on_error not in ON_ERROR:
@@ -197,7 +198,7 @@ class NativeLatentDataModule(L.LightningDataModule):
             )
         if packs_per_epoch is not None and packs_per_epoch < 1:
             raise ValueError(f"packs_per_epoch={packs_per_epoch} must be ≥ 1 or None (all packs)")
-        self.source_specs, self.val_source_specs = list(sources), val_sources
+        self.source_specs, self.val_source_specs, self.test_source_specs = list(sources), val_sources, test_sources
         self.tokens_per_pack, self.max_images_per_pack = tokens_per_pack, max_images_per_pack
         self.buffer_size, self.num_workers, self.seed = buffer_size, num_workers, seed
         self.flip_prob, self.patch_size, self.on_error = flip_prob, patch_size, on_error
@@ -219,6 +220,8 @@ class NativeLatentDataModule(L.LightningDataModule):
         self._sources["train"] = load_sources(self.source_specs, self.patch_size)
         if self.val_source_specs:
             self._sources["val"] = load_sources(self.val_source_specs, self.patch_size)
+        if self.test_source_specs:
+            self._sources["test"] = load_sources(self.test_source_specs, self.patch_size)
         seen = {}
         for source in [s for group in self._sources.values() for s in group]:
             seen[str(source.path)] = (source.index.get("latent_channels"), source.index.get("codec"))
@@ -298,11 +301,25 @@ class NativeLatentDataModule(L.LightningDataModule):
         dataset = PackDataset(self._sources["train"], self.patch_size, self.on_error)
         return PackLoader(self, "train", dataset, self.num_workers)
 
+    def _evaluation_loader(self, kind: str) -> PackLoader:
+        """Fixed packs of an evaluation split: epoch 0, the fixed seed, no flips (like validation)."""
+        dataset = PackDataset(self._sources[kind], self.patch_size, self.on_error)
+        return PackLoader(self, kind, dataset, self.num_workers)
+
     def val_dataloader(self) -> PackLoader | list:
-        if "val" not in self._sources:
-            return []
-        dataset = PackDataset(self._sources["val"], self.patch_size, self.on_error)
-        return PackLoader(self, "val", dataset, self.num_workers)
+        return self._evaluation_loader("val") if "val" in self._sources else []
+
+    def test_dataloader(self) -> PackLoader:
+        if "test" not in self._sources:
+            raise ValueError("`test` needs --data.test_sources (shard directories of the test split); none is set")
+        return self._evaluation_loader("test")
+
+    def predict_dataloader(self) -> "_PredictPacks":
+        """`predict` scores the test split, else the validation split (per-image losses, see NiTModule.predict_step)."""
+        for kind in ("test", "val"):
+            if kind in self._sources:
+                return _PredictPacks(self._evaluation_loader(kind))
+        raise ValueError("`predict` needs --data.test_sources or --data.val_sources; neither is set")
 
     def state_dict(self) -> dict[str, Any]:
         """Data position (epoch, packs consumed by this rank) plus what must match for it to mean the same data."""
@@ -340,3 +357,17 @@ class NativeLatentDataModule(L.LightningDataModule):
             consumed = 0
         self._resume = (epoch, consumed)
         self._next_epoch = epoch
+
+
+class _PredictPacks:
+    """A PackLoader seen as a plain iterable: Lightning rebuilds DataLoaders for `predict` to track sample indices
+    (which a PackLoader's signature does not allow); packs carry their own sample keys instead."""
+
+    def __init__(self, loader: PackLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

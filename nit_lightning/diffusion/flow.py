@@ -17,6 +17,7 @@ class LossOutput:
     loss: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     t: torch.Tensor | None = None  # (B,)
+    per_image: torch.Tensor | None = None  # (B,) detached: each image's weighted loss, mean over its own tokens
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -109,18 +110,21 @@ class FlowMatchingLoss:
         v_hat = v_hat.float()
         mse_N = (v_hat - target).pow(2).mean(dim=-1)
         parts = {"mse": _reduce(mse_N, ids, seqlens, self.reduction)}
-        loss = parts["mse"]
+        loss, loss_N = parts["mse"], mse_N.detach()
         if self.direction_weight != 0:
             dir_N = 1 - F.cosine_similarity(v_hat, target, dim=-1)
             parts["direction"] = _reduce(dir_N, ids, seqlens, self.reduction)
             loss = loss + self.direction_weight * parts["direction"]
+            loss_N = loss_N + self.direction_weight * dir_N.detach()
         if use_repa:
             z_hat = repa_projector(hidden).float()
             repa_N = 1 - F.cosine_similarity(z_hat, repa_z.float(), dim=-1)
             parts["repa"] = _reduce(repa_N, ids, seqlens, self.reduction)
             loss = loss + self.repa_weight * parts["repa"]
+            loss_N = loss_N + self.repa_weight * repa_N.detach()
         self._check_finite(loss, parts)
-        return LossOutput(loss=loss, parts=parts, t=t)
+        per_image = torch.zeros(seqlens.shape[0], dtype=loss_N.dtype, device=device).index_add(0, ids, loss_N)
+        return LossOutput(loss=loss, parts=parts, t=t, per_image=per_image / seqlens.to(loss_N.dtype))
 
     def _check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         """Raise naming the non-finite parts, or record parts["nonfinite"] = 1.0 (never zero the loss)."""

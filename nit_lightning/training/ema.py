@@ -164,6 +164,19 @@ class EMA(Callback):
             self._validation_ctx = None
             ctx.__exit__(None, None, None)
 
+    # `test` and `predict` evaluate the EMA weights too, exactly as validation does.
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_validation_end(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_validation_start(trainer, pl_module)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_validation_end(trainer, pl_module)
+
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": self.shadow, "num_updates": self.num_updates, "decay": self.decay, "warmup": self.warmup}
 

@@ -231,6 +231,21 @@ class NiTModule(LightningModule):
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
         return out.loss
 
+    def test_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        """The flow-matching loss on the test split (`--data.test_sources`), with fixed noise like validation."""
+        out = self._loss(batch, batch.y, self._generator(0, batch_idx, "test"))
+        self.log("test/loss", out.loss, sync_dist=True, batch_size=batch.num_images)
+        for name, value in out.parts.items():
+            if name != "nonfinite":
+                self.log(f"test/{name}", value, sync_dist=True, batch_size=batch.num_images)
+        return out.loss
+
+    def predict_step(self, batch: PackedBatch, batch_idx: int) -> dict[str, Any]:
+        """Per-image loss at a fixed (seeded) noise level: finds the samples the model fits worst (data audits)."""
+        out = self._loss(batch, batch.y, self._generator(0, batch_idx, "predict"))
+        return {"keys": list(batch.keys), "y": batch.y.cpu(), "hw": batch.hw.cpu(), "t": out.t.detach().cpu(),
+                "loss": out.per_image.cpu()}
+
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def nit_meta(self) -> dict[str, Any]:
         """What `inference.load_generator` needs to rebuild the net and decode its output."""
