@@ -18,13 +18,6 @@ from nit_lightning.models import build_nit
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on this shared 2-core machine made tiny forwards ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _fake_ckpt(path, *, ema=True, live_offset=0.0):

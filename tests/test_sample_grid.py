@@ -14,13 +14,6 @@ from nit_lightning.models import build_nit
 from nit_lightning.training.sample_grid import SampleGridCallback, make_grid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on this shared 2-core machine made tiny forwards ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyModule(pl.LightningModule):

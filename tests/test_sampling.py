@@ -13,13 +13,6 @@ from nit_lightning.diffusion.sampling import (
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, 2 OpenMP threads made a tiny forward 40x slower (0.66 s vs 16 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # x0 ~ N(m, s²) per channel; x_t = (1−t)x0 + tε is Gaussian with mean (1−t)m and variance σ² = (1−t)²s² + t².

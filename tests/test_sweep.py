@@ -17,13 +17,6 @@ from nit_lightning.evaluation.reference import Reference, nhwc_to_tensor, save_r
 from nit_lightning.evaluation.sweep import evaluate_samples, load_sweep, run_sweep
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny ops on the shared 2-core machine are much slower with 2 OpenMP threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

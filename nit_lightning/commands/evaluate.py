@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nit_lightning.commands._common import run_command
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
 
 PROG = "python -m nit_lightning evaluate"
@@ -54,12 +54,7 @@ def print_table(result: dict[str, Any], title: str = "evaluation") -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:  # user errors: the message says what to do
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

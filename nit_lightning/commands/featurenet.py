@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
+from nit_lightning.commands._common import run_command
 from nit_lightning.evaluation.featurenet import train_featurenet
 
 PROG = "python -m nit_lightning featurenet"
@@ -26,12 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:  # user errors: the message says what to do
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import numpy as np
 import torch
 
+from nit_lightning.commands._common import run_command
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.reference import (PROTOCOL, build_reference, load_reference, parse_size,
                                                 save_reference)
@@ -36,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (FileNotFoundError, ValueError, KeyError) as error:  # user errors: the message says what to do
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
