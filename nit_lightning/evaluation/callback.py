@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
 from nit_lightning.evaluation.features import FeatureExtractor, load_feature_extractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
 from nit_lightning.evaluation.reference import (Reference, check_extractor, load_reference, parse_size,
                                                 reference_pool, size_name)
 from nit_lightning.evaluation.sweep import load_sweep
+from nit_lightning.training.periodic import EveryNStepsCallback
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def sample_features(net: torch.nn.Module, codec: Any, setting: dict[str, Any], e
     return stats
 
 
-class EvaluationCallback(Callback):
+class EvaluationCallback(EveryNStepsCallback):
     """Every `every_n_steps` optimiser steps: sample + FID/sFID/IS/precision/recall per setting, logged."""
 
     def __init__(self, ref_dir: str, every_n_steps: int = 10000, sweep: str | None = None,
@@ -92,15 +93,8 @@ class EvaluationCallback(Callback):
             raise FileNotFoundError(f"EvaluationCallback: reference batches {missing} not found; build them with "
                                     "`python -m nit_lightning reference build`")
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
+    def fire(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.run(trainer, pl_module)
 
     def _codec(self, trainer: Trainer) -> Any:
         from nit_lightning.data.codecs import codec_from_description, codec_from_spec

@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
+from nit_lightning.training.periodic import EveryNStepsCallback
 from nit_lightning.data.codecs import Codec, codec_from_description, codec_from_spec
 from nit_lightning.data.sizes import format_size, parse_interval, parse_size, validate_size
 from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
@@ -29,7 +30,7 @@ def make_grid(images: Sequence[torch.Tensor], nrow: int, padding: int = 2) -> to
     return grid
 
 
-class SampleGridCallback(Callback):
+class SampleGridCallback(EveryNStepsCallback):
     """Log one grid per configured size (sizes unseen in training welcome) to TensorBoard and optionally as PNGs."""
 
     def __init__(
@@ -96,15 +97,8 @@ class SampleGridCallback(Callback):
             raise ValueError(f"grid classes {self.classes} must lie in 0..{pl_module.net.config.num_classes - 1}")
 
     # ---- hooks ----------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        # global_step counts optimiser steps: with gradient accumulation several batches share one, so remember it.
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self._log(trainer, pl_module)
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.at_train_end and trainer.global_step != self._last_step:
-            self._log(trainer, pl_module)
+    def fire(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module)
 
     # ---- work -----------------------------------------------------------------------------------------------
     def _weights(self, trainer: Trainer, pl_module: LightningModule):
