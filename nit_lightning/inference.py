@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nit_lightning.data.codecs import Codec, codec_from_description, codec_from_spec
+from nit_lightning.data.codecs import Codec, resolve_codec
 from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
@@ -98,21 +98,6 @@ class NetModelFn:
         return v.to(x.dtype)
 
 
-def _resolve_codec(codec: Codec | str | dict | None, stored: dict | None, device: str) -> tuple[Codec, str]:
-    if isinstance(codec, Codec):
-        return codec, "given"
-    if isinstance(codec, str):
-        return codec_from_spec(codec, device=device), f"--codec {codec}"
-    if isinstance(codec, dict):
-        return codec_from_description(codec, device=device), "given description"
-    if stored is None:
-        raise ValueError(
-            "the checkpoint records no codec (nit_meta['codec'] is None); pass one, e.g. --codec dcae:/path/to/dc-ae "
-            "or --codec pixel:8"
-        )
-    return codec_from_description(stored, device=device), "checkpoint nit_meta"
-
-
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     others = sorted(k for k in state if not k.startswith(prefix))
@@ -190,7 +175,11 @@ def load_generator(
         net, meta = _load_official(path, rope_layout)
     else:
         net, meta = _load_lightning(path, use_ema, rope_layout)
-    the_codec, codec_from = _resolve_codec(codec, meta.get("codec"), str(device))
+    the_codec, codec_from = resolve_codec(
+        codec, meta.get("codec"), device=str(device), fallback_name="checkpoint nit_meta",
+        missing="the checkpoint records no codec (nit_meta['codec'] is None); pass one, e.g. --codec dcae:/path/to/dc-ae "
+        "or --codec pixel:8",
+    )
     if the_codec.latent_channels != net.config.in_channels:
         raise ValueError(
             f"codec {the_codec.describe()} makes {the_codec.latent_channels}-channel latents but the net expects "

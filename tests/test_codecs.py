@@ -106,3 +106,16 @@ def test_dcae_missing_model_is_a_clear_error(tmp_path):
         codec_from_spec(f"dcae:{tmp_path}/absent")
     with pytest.raises(ValueError, match="codec dtype"):
         DCAECodec(str(tmp_path), dtype="int8")
+
+
+def test_resolve_codec_takes_object_spec_description_then_fallback():
+    from nit_lightning.data.codecs import PixelCodec, resolve_codec
+
+    given = PixelCodec(2)
+    assert resolve_codec(given, None, missing="x") == (given, "given")
+    codec, source = resolve_codec("pixel:4", {"type": "pixel", "factor": 2}, missing="x")
+    assert (codec.factor, source) == (4, "--codec pixel:4")  # an explicit codec wins over the fallback
+    codec, source = resolve_codec(None, {"type": "pixel", "factor": 2}, missing="x", fallback_name="datamodule")
+    assert (codec.factor, source) == (2, "datamodule")
+    with pytest.raises(ValueError, match="pass one"):
+        resolve_codec(None, None, missing="no codec recorded: pass one")

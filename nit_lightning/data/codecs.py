@@ -178,3 +178,24 @@ def codec_from_spec(spec: str, dtype: str = "float32", device: str | torch.devic
     if kind == "dcae":
         return DCAECodec(arg or DEFAULT_DCAE_ID, dtype=dtype, device=device)
     raise ValueError(f"codec {spec!r} is not {CODEC_SPEC_HELP}")
+
+
+def resolve_codec(
+    codec: Codec | str | dict | None,
+    fallback: dict | None,
+    *,
+    missing: str,
+    device: str | torch.device = "cpu",
+    fallback_name: str = "fallback description",
+) -> tuple[Codec, str]:
+    """A codec given as an object, a spec ('pixel:8', 'dcae:PATH') or a description, else rebuilt from `fallback`
+    (a checkpoint's or a datamodule's description); returns it with where it came from. Neither: ValueError(missing)."""
+    if isinstance(codec, Codec):
+        return codec, "given"
+    if isinstance(codec, str):
+        return codec_from_spec(codec, device=device), f"--codec {codec}"
+    if isinstance(codec, dict):
+        return codec_from_description(codec, device=device), "given description"
+    if fallback is None:
+        raise ValueError(missing)
+    return codec_from_description(dict(fallback), device=device), fallback_name

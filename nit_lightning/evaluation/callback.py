@@ -97,17 +97,12 @@ class EvaluationCallback(EveryNStepsCallback):
         self.run(trainer, pl_module)
 
     def _codec(self, trainer: Trainer) -> Any:
-        from nit_lightning.data.codecs import codec_from_description, codec_from_spec
+        from nit_lightning.data.codecs import resolve_codec
 
-        if isinstance(self.codec_arg, str):
-            return codec_from_spec(self.codec_arg)
-        if isinstance(self.codec_arg, dict):
-            return codec_from_description(self.codec_arg)
         description = getattr(getattr(trainer, "datamodule", None), "codec_description", None)
-        if description is None:
-            raise ValueError("EvaluationCallback needs a codec: pass codec='pixel:F' / 'dcae:PATH' or use a "
-                             "datamodule with `codec_description`")
-        return codec_from_description(dict(description))
+        return resolve_codec(self.codec_arg, description, fallback_name="datamodule", missing=(
+            "EvaluationCallback needs a codec: pass codec='pixel:F' / 'dcae:PATH' or use a datamodule with "
+            "`codec_description`"))[0]
 
     def _weights(self, trainer: Trainer, pl_module: LightningModule):
         for cb in trainer.callbacks:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from nit_lightning.training.periodic import EveryNStepsCallback
-from nit_lightning.data.codecs import Codec, codec_from_description, codec_from_spec
+from nit_lightning.data.codecs import Codec, resolve_codec
 from nit_lightning.data.sizes import format_size, parse_interval, parse_size, validate_size
 from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
 from nit_lightning.inference import Generator
@@ -71,19 +71,10 @@ class SampleGridCallback(EveryNStepsCallback):
 
     # ---- setup ----------------------------------------------------------------------------------------------
     def _resolve_codec(self, trainer: Trainer) -> Codec:
-        if isinstance(self.codec_arg, Codec):
-            return self.codec_arg
-        if isinstance(self.codec_arg, str):
-            return codec_from_spec(self.codec_arg)
-        if isinstance(self.codec_arg, dict):
-            return codec_from_description(self.codec_arg)
         description = getattr(getattr(trainer, "datamodule", None), "codec_description", None)
-        if description is None:
-            raise ValueError(
-                "SampleGridCallback needs a codec to decode latents: pass codec='pixel:F' / 'dcae:PATH' or use a "
-                "datamodule with `codec_description`"
-            )
-        return codec_from_description(dict(description))
+        return resolve_codec(self.codec_arg, description, fallback_name="datamodule", missing=(
+            "SampleGridCallback needs a codec to decode latents: pass codec='pixel:F' / 'dcae:PATH' or use a "
+            "datamodule with `codec_description`"))[0]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Resolve the codec and check every size now, so a bad size fails before training, not at step N."""
