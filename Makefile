@@ -15,11 +15,13 @@ SWEEP_ARGS ?=
 install: $(STAMP)
 
 # torch==2.13.0 first (a CPU build that lies on this disk); requirements.txt says torch>=2.5 and so keeps it.
-$(STAMP): requirements.txt
+# Then the package itself, editable (pyproject.toml): bench/ and tests/ import it like any installed package.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 test: install

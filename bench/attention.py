@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nit_lightning.models import build_nit  # noqa: E402
-from nit_lightning.models.attention import available_backends  # noqa: E402
-from nit_lightning.models.rope import apply_rope  # noqa: E402
+from nit_lightning.models import build_nit
+from nit_lightning.models.attention import available_backends
+from nit_lightning.models.rope import apply_rope
 
 
 def imagenet_like_pack(tokens: int, seed: int, lo: int = 8, hi: int = 16) -> torch.Tensor:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nit_lightning.data.lengths import recipe_grids  # noqa: E402
-from nit_lightning.diffusion.flow import FlowMatchingLoss  # noqa: E402
-from nit_lightning.diffusion.sampling import sample  # noqa: E402
-from nit_lightning.models import build_nit  # noqa: E402
-from nit_lightning.models.attention import available_backends, packed_attention, reference_attention  # noqa: E402
-from nit_lightning.models.flops import training_flops_per_token  # noqa: E402
+from nit_lightning.data.lengths import recipe_grids
+from nit_lightning.diffusion.flow import FlowMatchingLoss
+from nit_lightning.diffusion.sampling import sample
+from nit_lightning.models import build_nit
+from nit_lightning.models.attention import available_backends, packed_attention, reference_attention
+from nit_lightning.models.flops import training_flops_per_token
 
 # Dense bf16 peak of one H100/H200 SXM (no sparsity); override with --peak-tflops for other cards.
 DEFAULT_PEAK_TFLOPS = 989.0

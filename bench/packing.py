@@ -6,7 +6,6 @@ Efficiency = real tokens / (steps × token budget): the share of each step's tok
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nit_lightning.data import shards  # noqa: E402
-from nit_lightning.data.datamodule import NativeLatentDataModule  # noqa: E402
-from nit_lightning.data.lengths import recipe_grids  # noqa: E402
-from nit_lightning.data.packing import lpfhp_flat  # noqa: E402
+from nit_lightning.data import shards
+from nit_lightning.data.datamodule import NativeLatentDataModule
+from nit_lightning.data.lengths import recipe_grids
+from nit_lightning.data.packing import lpfhp_flat
 
 LONGEST = 4096  # largest recipe image: 64×64 latent tokens
 BUCKETS = np.array([1 / 3, 1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0, 3.0])  # h/w of the aspect buckets

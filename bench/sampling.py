@@ -1,11 +1,8 @@
 """Sampler benchmarks (CPU): solver overhead per step and packing throughput of the debug net."""
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/sampling.py` from anywhere
 from nit_lightning.diffusion.sampling import sample, StackedGenerator, per_sample_noise, SampleRequest, plan_sample_packs, sample_pack, derive_seed
 from nit_lightning.models import build_nit
 from nit_lightning.inference import NetModelFn

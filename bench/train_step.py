@@ -16,17 +16,15 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nit_lightning.diffusion.flow import FlowMatchingLoss  # noqa: E402
-from nit_lightning.models import PRESETS, build_nit  # noqa: E402
-from nit_lightning.models.attention import resolve_backend  # noqa: E402
-from nit_lightning.models.flops import training_flops  # noqa: E402
-from nit_lightning.training.callbacks import detect_peak_flops  # noqa: E402
+from nit_lightning.diffusion.flow import FlowMatchingLoss
+from nit_lightning.models import PRESETS, build_nit
+from nit_lightning.models.attention import resolve_backend
+from nit_lightning.models.flops import training_flops
+from nit_lightning.training.callbacks import detect_peak_flops
 
 
 def imagenet_like_grids(budget: int, seed: int) -> list[tuple[int, int]]:

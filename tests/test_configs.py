@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_training import fit_args, write_test_shards
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 PAPER = ["nit_b_ablation_native", "nit_b_ablation_mix", "nit_b_ablation_fixed", "nit_s", "nit_xl", "nit_xxl"]
@@ -65,7 +66,7 @@ def test_bad_keys_and_types_fail_with_jsonargparse_message(extra, message, capsy
 @pytest.fixture(scope="module")
 def shard_dirs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("config_shards")
-    return [write_test_shards(root / f"source{i}", num_samples=12, seed=i) for i in range(3)]
+    return [write_latent_shards(root / f"source{i}", num_samples=12, seed=i) for i in range(3)]
 
 
 # The training configs of this file's owner; other configs (e.g. demo.yaml, whose sample-grid sizes assume its own

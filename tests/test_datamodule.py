@@ -12,27 +12,20 @@ from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.data.stream import ShardReadError
 from nit_lightning.models.patching import patchify
 
+from helpers.shards import write_latent_shards
+
 CHANNELS = 4
 SETTINGS = {"latent_channels": CHANNELS, "codec": {"name": "pixel", "factor": 1}}
 
 
 def write_source(directory: Path, num_shards: int = 3, per_shard: int = 40, seed: int = 0, side: int = 1,
                  settings: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:  # fmt: skip
-    """Random (C, h, w) latents with their mirror; sides are multiples of `side`. Returns key -> (latent, flip, cls)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    stored = {}
-    for s in range(num_shards):
-        writer = shards.ShardWriter(directory / f"shard-{s:06d}.tar")
-        for i in range(per_shard):
-            h, w = (int(v) * side for v in torch.randint(1, 7, (2,), generator=generator))
-            latent = torch.randn(CHANNELS, h, w, generator=generator).half()
-            key = f"{directory.name}_{s}_{i}"
-            cls = int(torch.randint(0, 10, (1,), generator=generator))
-            writer.write(key, shards.sample_members(key, latent, cls, latent_flip=latent.flip(-1)), h * w)
-            stored[key] = (latent, latent.flip(-1), cls)
-        writer.close()
-    shards.build_index(directory, SETTINGS if settings is None else settings)
+    """Random half-precision (C, h, w) latents with their mirror, sides 1..6 × `side`: key -> (latent, flip, cls)."""
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    write_latent_shards(directory, num_samples=num_shards * per_shard, per_shard=per_shard, channels=CHANNELS,
+                        sides=(1, 6), side_multiple=side, seed=seed, dtype=torch.float16,
+                        key=directory.name + "_{shard}_{i}", settings=SETTINGS if settings is None else settings,
+                        stored=stored)
     return stored
 
 

@@ -40,9 +40,10 @@ trainer:
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    from test_training import fit_args, write_test_shards
+    from helpers.fit import fit_args
+    from helpers.shards import write_latent_shards
 
-    shards = write_test_shards(tmp_path / "shards", num_samples=24)
+    shards = write_latent_shards(tmp_path / "shards", num_samples=24)
     (tmp_path / "callbacks.yaml").write_text(CALLBACKS_YAML)
     steps = 3
     args = fit_args(shards, max_steps=steps, tokens=64)

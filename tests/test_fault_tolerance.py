@@ -14,6 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from helpers.shards import write_latent_shards
 from nit_lightning.training.fault_tolerance import (
     EXIT_OK,
     EXIT_REQUEUE,
@@ -230,24 +231,6 @@ def test_requeue_calls_scontrol_under_slurm(tmp_path, no_slurm, monkeypatch):
 
 # ---- end to end: `fit` of experiments/debug.yaml in a subprocess, SIGUSR1 from outside, restart, same result ----------
 REPO = Path(__file__).resolve().parents[1]
-def _write_shards(directory: Path) -> None:
-    from nit_lightning.data.codecs import PixelCodec
-    from nit_lightning.data.shards import ShardWriter, build_index, sample_members
-
-    directory.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    sizes = [(4, 4), (4, 8), (8, 4), (8, 8), (4, 6)]  # latent grids (h, w) of a pixel codec f=2: 12 channels
-    for shard in range(2):
-        writer = ShardWriter(directory / f"shard-{shard:06d}.tar")
-        for i in range(12):
-            h, w = sizes[(shard * 12 + i) % len(sizes)]
-            latent = torch.randn(12, h, w, generator=generator)
-            key = f"s{shard}i{i}"
-            writer.write(key, sample_members(key, latent, (shard * 12 + i) % 10, latent_flip=latent.flip(-1)), h * w)
-        writer.close()
-    build_index(directory, {"codec": PixelCodec(2).describe(), "latent_channels": 12})
-
-
 def _fit(cwd: Path, shards: Path, *extra: str) -> "subprocess.Popen":
     import subprocess
 
@@ -279,7 +262,7 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
     import time
 
     shards = tmp_path / "shards"
-    _write_shards(shards)
+    write_latent_shards(shards)
     reference = _fit(tmp_path / "ref", shards)  # runs alongside the interrupted one: 2 cores, half the wall time
 
     marks = tmp_path / "run" / "marks"  # a second ModelCheckpoint saving every step tells the test training has begun

@@ -7,7 +7,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from test_training import fit_args, write_test_shards
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
 
 # A second --config replaces the debug config's callbacks: EMA plus a checkpoint after every step (and `last`).
 CALLBACKS_YAML = """
@@ -45,7 +46,7 @@ def run(workdir: Path, shards: Path, max_steps: int, monkeypatch, extra: list[st
 
 @pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
-    shards = write_test_shards(tmp_path / "shards", num_samples=24)
+    shards = write_latent_shards(tmp_path / "shards", num_samples=24)
     k = 5  # 24 samples of ~16 tokens in packs of 64: ~7 packs per epoch, so step k is mid-epoch and 2k crosses one
     straight = run(tmp_path / "straight", shards, 2 * k, monkeypatch)
     first = run(tmp_path / "resumed", shards, k, monkeypatch)

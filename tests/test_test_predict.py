@@ -8,7 +8,8 @@ from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.diffusion.flow import FlowMatchingLoss
 from nit_lightning.models import build_nit
 from nit_lightning.training.cli import main as cli_main, run_cli
-from test_training import fit_args, write_test_shards
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
 
 
 def test_per_image_loss_matches_each_image_alone_in_token_weighting():
@@ -26,7 +27,7 @@ def test_per_image_loss_matches_each_image_alone_in_token_weighting():
 
 
 def test_datamodule_asks_for_the_split_it_lacks(tmp_path):
-    shards = write_test_shards(tmp_path / "train", num_samples=8)
+    shards = write_latent_shards(tmp_path / "train", num_samples=8)
     dm = NativeLatentDataModule(sources=[{"path": str(shards)}], tokens_per_pack=64, num_workers=0)
     with pytest.raises(ValueError, match="test_sources"):
         dm.test_dataloader()
@@ -37,8 +38,8 @@ def test_datamodule_asks_for_the_split_it_lacks(tmp_path):
 @pytest.mark.slow
 def test_fit_then_test_and_predict_from_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train = write_test_shards(tmp_path / "train", num_samples=16)
-    held_out = write_test_shards(tmp_path / "test", num_samples=10, seed=5)
+    train = write_latent_shards(tmp_path / "train", num_samples=16)
+    held_out = write_latent_shards(tmp_path / "test", num_samples=10, seed=5)
     args = fit_args(train, max_steps=3)
     cli_main(args)
     ckpt = next(tmp_path.rglob("last.ckpt"))

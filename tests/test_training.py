@@ -9,47 +9,14 @@ import torch
 
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.codecs import PixelCodec
-from nit_lightning.data.shards import ShardWriter, build_index, sample_members
 from nit_lightning.training.module import NiTModule, step_seed
 
-REPO = Path(__file__).resolve().parents[1]
-DEBUG_CONFIG = REPO / "experiments" / "debug.yaml"
-
-
-def write_test_shards(directory: Path, num_samples: int = 24, seed: int = 0, per_shard: int = 8) -> Path:
-    """Shards of random 12-channel latents (pixel codec f=2) with 2..6 × 2..6 token grids and 10 classes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    codec = PixelCodec(2)
-    for shard in range((num_samples + per_shard - 1) // per_shard):
-        writer = ShardWriter(directory / f"shard-{shard:06d}.tar")
-        for i in range(shard * per_shard, min(num_samples, (shard + 1) * per_shard)):
-            h, w = (int(v) for v in torch.randint(2, 7, (2,), generator=g))
-            latent = torch.randn(12, h, w, generator=g)
-            cls = int(torch.randint(0, 10, (1,), generator=g))
-            writer.write(f"s{i:05d}", sample_members(f"s{i:05d}", latent, cls, latent_flip=latent.flip(-1)), h * w)
-        writer.close()
-    build_index(directory, {"codec": codec.describe(), "latent_channels": 12})
-    return directory
-
-
-def fit_args(shards: Path | list[Path], *, config: Path = DEBUG_CONFIG, max_steps: int = 2, tokens: int = 64) -> list[str]:
-    """CLI args: a config shrunk to NiT-debug on CPU, data on test shards, logs and checkpoints in the cwd."""
-    dirs = shards if isinstance(shards, list) else [shards]
-    sources = json.dumps([{"path": str(d), "weight": 1.0} for d in dirs])
-    return [
-        "fit", "--config", str(config),
-        "--model.net", '{"name": "NiT-debug", "num_classes": 10}',
-        "--data.sources", sources, "--data.tokens_per_pack", str(tokens), "--data.num_workers", "0",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
-        "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.max_steps", str(max_steps),
-        "--trainer.log_every_n_steps", "1",
-    ]  # fmt: skip
-
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_test_shards(tmp_path_factory.mktemp("shards"))
+    return write_latent_shards(tmp_path_factory.mktemp("shards"))
 
 
 def tiny(**kwargs) -> NiTModule:
