@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from nit_lightning.data import shards
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.data.stream import ShardReadError
 from nit_lightning.models.patching import patchify
@@ -239,7 +238,7 @@ def test_rank_from_env(data, monkeypatch):
     dm = NativeLatentDataModule(sources=[{"path": str(tmp_path / "native")}], tokens_per_pack=64, num_workers=0)
     assert dm.rank_world() == (1, 2)
     monkeypatch.setenv("RANK", "2")
-    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world size 2\)"):
         dm.rank_world()
 
 

@@ -98,9 +98,12 @@ def test_ranks_and_pack_budget_do_not_change_samples(ckpt, tmp_path, monkeypatch
     two = dataclasses.replace(base, out=str(tmp_path / "two"), tokens_per_pack=32)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "unused")
-    import nit_lightning.commands.sample as cmd
+    import contextlib
 
-    monkeypatch.setattr(cmd, "_init_dist", lambda *a: False)  # no process group: the two ranks run one after another
+    import nit_lightning.distributed as distributed
+
+    # no process group: the two ranks run one after another
+    monkeypatch.setattr(distributed, "process_group", lambda *a: contextlib.nullcontext())
     monkeypatch.setenv("RANK", "1")
     run_sample(two)
     assert _pngs(tmp_path / "two" / "8x8") == ["000001.png", "000003.png"]

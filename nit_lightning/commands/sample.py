@@ -14,13 +14,13 @@ import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from nit_lightning import distributed
 from nit_lightning.data.sizes import (
     METHODS, ROUND_MODES, SweepSetting, format_size, load_sweep, parse_interval, parse_sizes, validate_size,
 )
@@ -60,46 +60,6 @@ class SampleSettings:
             return list(self.sweep)
         return [SweepSetting(size=s, method=self.method, steps=self.steps, cfg_scale=self.cfg_scale,
                              cfg_interval=self.cfg_interval) for s in self.sizes]
-
-
-# ---- distributed ----------------------------------------------------------------------------------------------
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_PROCID, ...)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
-
-
-def _init_dist(rank: int, world: int, device: torch.device) -> bool:
-    """Start a process group when several ranks run and none exists; returns whether we own it."""
-    import torch.distributed as dist
-
-    if world == 1 or dist.is_initialized():
-        return False
-    if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError(f"rank {rank}/{world}: MASTER_ADDR/MASTER_PORT are not set; launch with torchrun or export them")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # rank 0 merges the npz while the others wait: allow far more than the default timeout (50k PNGs take minutes).
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(hours=3))
-    return True
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(device)
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
@@ -169,12 +129,10 @@ def run_sample(settings: SampleSettings, generator: Any = None) -> dict[str, Pat
         raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
     if settings.dtype not in DTYPES:
         raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
-    rank, world, local_rank = dist_env()
-    device = _resolve_device(settings.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL barriers use the current device
-    own_group = _init_dist(rank, world, device)
-    try:
+    ranks = distributed.from_environment()
+    rank, world = ranks.rank, ranks.world
+    device = distributed.device_for(settings.device, ranks.local_rank)
+    with distributed.process_group(ranks, device):
         gen = generator or load_generator(settings.ckpt, use_ema=settings.use_ema, rope_layout=settings.rope_layout,
                                           device=device, codec=settings.codec)
         out: dict[str, Path] = {}
@@ -182,11 +140,6 @@ def run_sample(settings: SampleSettings, generator: Any = None) -> dict[str, Pat
             size = validate_size(job.size, gen.size_multiple, round=settings.round)
             out[format_size(size)] = _run_job(job, size, gen, settings, device, rank, world)
         return out
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _run_job(
@@ -238,7 +191,7 @@ def _run_job(
     elapsed = time.perf_counter() - start
     if made:
         print(f"{format_size(size)}: rank {rank} made {made} images in {elapsed:.1f} s = {made / elapsed:.2f} images/s")
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         missing = [i for i in range(n) if not png_path(folder, i).exists()]
         if missing:
@@ -249,7 +202,7 @@ def _run_job(
             for i in range(n):
                 png_path(folder, i).unlink()
         log.info("%s: wrote %s", folder, npz)
-    _barrier()
+    distributed.barrier()
     return npz
 
 
@@ -301,7 +254,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     paths = run_sample(settings_from_args(args))
-    if dist_env()[0] == 0:
+    if distributed.from_environment().is_main:
         for name, path in paths.items():
             print(f"{name}: {path}")
     return 0

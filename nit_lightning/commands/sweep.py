@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from nit_lightning import distributed
 from nit_lightning.commands._common import run_command
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.sweep import default_sample_fn, run_sweep
@@ -39,9 +39,7 @@ def main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = args.device
-    if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = distributed.device_for(args.device, distributed.from_environment().local_rank)
     extractor = load_feature_extractor(args.features, device=device)
     only = [s.strip() for s in args.settings.split(",") if s.strip()] if args.settings else None
     summary = run_sweep(args.sweep, ref_dir=args.ref_dir, out=args.out, num=args.num, extractor=extractor,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
@@ -11,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from nit_lightning import distributed
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.stream import EpochPlan, RankPlan, ShardReader, ShardReadError, Source, build_plan, load_sources
 from nit_lightning.data.stream import locate
@@ -160,13 +160,6 @@ class PackLoader(DataLoader):
             yield batch
 
 
-def resolve_distributed() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else from RANK / WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 class NativeLatentDataModule(L.LightningDataModule):
     """Packs of native-resolution latents from shard directories (SPEC §4–5); see docs/packing.md."""
 
@@ -237,10 +230,13 @@ class NativeLatentDataModule(L.LightningDataModule):
         self._distributed = (rank, world_size)
 
     def rank_world(self) -> tuple[int, int]:
-        rank, world = self._distributed or resolve_distributed()
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is outside world size {world}: check RANK / WORLD_SIZE")
-        return rank, world
+        """The override, else the attached trainer's ranks, else the process group / launcher environment."""
+        if self._distributed is not None:
+            return self._distributed
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        ranks = distributed.current()
+        return ranks.rank, ranks.world
 
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:

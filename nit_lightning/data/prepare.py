@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nit_lightning import distributed
 from nit_lightning.data.codecs import Codec, codec_from_spec
 from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, load_rgb, parse_mode
 from nit_lightning.data.shards import (
@@ -143,20 +144,6 @@ def shard_name(prefix: str, shard_id: int) -> str:
     return f"{prefix}-{shard_id:06d}.tar"
 
 
-def rank_and_world() -> tuple[int, int, int]:
-    """(rank, world, local rank) from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); else (0, 1, 0)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    else:
-        return 0, 1, 0
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, world size {world}); check RANK/WORLD_SIZE or SLURM_PROCID/NTASKS")
-    return rank, world, local
-
-
 def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
     """What decides the bytes of every shard; a resumed run must match it exactly."""
     return {
@@ -236,10 +223,6 @@ def _worker_shard(task: tuple[int, list[tuple[int, str, int]]]) -> tuple[int, st
         return shard_id, f"{type(error).__name__}: {error}", time.perf_counter() - start
 
 
-def _device_for_rank(device: str, local_rank: int) -> str:
-    return f"cuda:{local_rank}" if device == "cuda" else device
-
-
 def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     """Encode this rank's unfinished shards; write index.json when every shard of the plan is complete."""
     if settings.dtype not in LATENT_DTYPES:
@@ -248,8 +231,9 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
         raise ValueError(
             f"samples_per_shard {settings.samples_per_shard} and batch_size {settings.batch_size} must be ≥ 1"
         )
-    rank, world, local_rank = rank_and_world()
-    settings.device = _device_for_rank(settings.device, local_rank)
+    ranks = distributed.from_environment()
+    rank, world = ranks.rank, ranks.world
+    settings.device = str(distributed.device_for(settings.device, ranks.local_rank))
     codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
     parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
     listing = list_images(settings.input, settings.labels)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from nit_lightning import distributed
 from nit_lightning.evaluation.features import FeatureExtractor, is_reference_grade
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
 from nit_lightning.evaluation.reference import (Reference, check_extractor, list_images, load_reference,
@@ -164,7 +164,7 @@ def run_sweep(sweep_path: str | Path, *, ref_dir: str | Path, out: str | Path, n
             raise ValueError(f"--settings {sorted(unknown)} not in {sweep_path} (has {[s['size'] for s in settings]})")
         settings = [s for s in settings if s["size"] in wanted]
     results: dict[str, Any] = {}
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    rank = distributed.current().rank
     for setting in settings:
         name = setting["size"]
         setting_dir = out / name
