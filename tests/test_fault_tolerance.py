@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,9 +232,9 @@ def test_requeue_calls_scontrol_under_slurm(tmp_path, no_slurm, monkeypatch):
 
 # ---- end to end: `fit` of experiments/debug.yaml in a subprocess, SIGUSR1 from outside, restart, same result ----------
 REPO = Path(__file__).resolve().parents[1]
-def _fit(cwd: Path, shards: Path, *extra: str) -> "subprocess.Popen":
-    import subprocess
 
+
+def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     # one thread: with several, MKL picks its thread count by machine load (MKL_DYNAMIC), which changes gemm

@@ -13,10 +13,10 @@ from PIL import Image
 from nit_lightning.commands.prepare import main as prepare_main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
-from nit_lightning.data.prepare import PrepareSettings, list_images, run_prepare
+from nit_lightning.data.listing import list_labelled_images
+from nit_lightning.data.prepare import PrepareSettings, run_prepare
 from nit_lightning.data.shards import decode_sample, iter_tar_members, load_index
 from nit_lightning.data.synthetic import SynthSettings, write_synthetic
-
 
 # ---- resize rules (pure geometry, exact sizes) ----
 
@@ -222,7 +222,7 @@ def test_flat_folder_with_labels_file(tmp_path):
         Image.new("RGB", (48, 40), colour).save(flat / f"img{i}.png")
     (tmp_path / "labels.txt").write_text("# file\tclass\nimg0.png\tzebra\nimg1.png,apple\nimg2.png\tzebra\n"
                                          "gone.png\tapple\n")
-    listing = list_images(flat, tmp_path / "labels.txt")
+    listing = list_labelled_images(flat, tmp_path / "labels.txt")
     assert listing.items == [("img0.png", 1), ("img1.png", 0), ("img2.png", 1)] and listing.classes == ["apple", "zebra"]
     out = tmp_path / "out"
     run_prepare(PrepareSettings(input=str(flat), output=str(out), labels=str(tmp_path / "labels.txt"), codec="pixel:8"))
@@ -236,7 +236,7 @@ def test_flat_folder_with_labels_file(tmp_path):
 def test_folder_without_classes_needs_labels(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="no class sub-folders; for a flat folder pass --labels"):
-        list_images(tmp_path)
+        list_labelled_images(tmp_path)
 
 
 @pytest.mark.slow

@@ -9,11 +9,19 @@ import torch
 from PIL import Image
 
 from nit_lightning.commands import reference as reference_cmd
+from nit_lightning.data.listing import list_images
+from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
 from nit_lightning.evaluation.features import BatchedExtractor, load_feature_extractor
-from nit_lightning.evaluation.reference import (Reference, build_reference, check_extractor, fit_to_size,
-                                                list_images, load_reference, parse_size, reference_pool,
-                                                save_reference)
+from nit_lightning.evaluation.reference import (
+    Reference,
+    build_reference,
+    check_extractor,
+    fit_to_size,
+    load_reference,
+    reference_pool,
+    save_reference,
+)
 
 
 def small_extractor(name: str = "test-featurenet") -> BatchedExtractor:

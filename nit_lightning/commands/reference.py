@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from nit_lightning.commands._common import run_command
+from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
-from nit_lightning.evaluation.reference import (PROTOCOL, build_reference, load_reference, parse_size,
-                                                save_reference)
+from nit_lightning.evaluation.reference import PROTOCOL, build_reference, load_reference, save_reference
 
 PROG = "python -m nit_lightning reference"
 

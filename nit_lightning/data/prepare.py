@@ -1,7 +1,6 @@
 """Images -> latent shards (SPEC §4): sorted listing, fixed image->shard plan, resumable, rank- and process-parallel."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -17,6 +16,7 @@ import torch
 from nit_lightning import distributed
 from nit_lightning.data.codecs import Codec, codec_from_spec
 from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, load_rgb, parse_mode
+from nit_lightning.data.listing import Listing, list_labelled_images
 from nit_lightning.data.shards import (
     LATENT_DTYPES,
     ShardFormatError,
@@ -29,7 +29,6 @@ from nit_lightning.data.shards import (
 )
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
 PLAN_NAME = "prepare.json"
 CLASSES_NAME = "classes.json"
 
@@ -52,92 +51,6 @@ class PrepareSettings:
     prefix: str = "shard"
     batch_size: int = 16  # images decoded + encoded at once (equal sizes share a codec call)
     max_area: int | None = None  # (bytes) native area cap; None: (64·factor)², 2048² for DC-AE
-
-
-@dataclass
-class Listing:
-    """The sorted work list: (relative path, class) per image, class names, and what was left out at listing time."""
-
-    items: list[tuple[str, int]]
-    classes: list[str]
-    skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder
-    ignored: list[str]  # files that are not images by extension (e.g. synth.json)
-
-    def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _sorted_files(directory: Path) -> list[Path]:
-    """All files under a directory, sorted by their POSIX relative path (never listdir order)."""
-    return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix())
-
-
-def read_labels(labels_file: str | Path) -> dict[str, str]:
-    """`filename<TAB or comma>class` per line ('#' comments and blank lines allowed) -> {filename: class}."""
-    labels: dict[str, str] = {}
-    for number, raw in enumerate(Path(labels_file).read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, cls = line.partition("\t") if "\t" in line else line.rpartition(",")
-        if not sep or not name.strip() or not cls.strip():
-            raise ValueError(f"{labels_file}:{number}: {raw!r} is not 'filename<TAB or comma>class'")
-        name, cls = name.strip(), cls.strip()
-        if labels.get(name, cls) != cls:
-            raise ValueError(f"{labels_file}:{number}: {name!r} has two labels, {labels[name]!r} and {cls!r}")
-        labels[name] = cls
-    return labels
-
-
-def list_images(input_dir: str | Path, labels_file: str | Path | None = None) -> Listing:
-    """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {root} is not a directory")
-    files = _sorted_files(root)
-    skipped: list[dict[str, str]] = []
-    ignored = [p.relative_to(root).as_posix() for p in files if not _is_image(p)]
-    images = [p for p in files if _is_image(p)]
-    if labels_file is not None:
-        labels = read_labels(labels_file)
-        names = [str(v) for v in labels.values()]
-        if all(n.lstrip("-").isdigit() for n in names):  # integer labels are used as given
-            if any(int(n) < 0 for n in names):
-                raise ValueError(f"labels file {labels_file} has a negative class index")
-            classes = [str(i) for i in range(max((int(n) for n in names), default=-1) + 1)]
-            index = {n: int(n) for n in names}
-        else:  # class names: index = position among the sorted names, as for folders
-            classes = sorted(set(names))
-            index = {n: i for i, n in enumerate(classes)}
-        items = []
-        present = set()
-        for path in images:
-            rel = path.relative_to(root).as_posix()
-            name = rel if rel in labels else path.name
-            present.add(name)
-            if name in labels:
-                items.append((rel, index[labels[name]]))
-            else:
-                skipped.append({"source": rel, "reason": "no-label", "detail": f"not in {labels_file}"})
-        for name in sorted(set(labels) - present):
-            skipped.append({"source": name, "reason": "missing-file", "detail": f"listed in {labels_file}, not in {root}"})
-        return Listing(items, classes, skipped, ignored)
-    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise ValueError(f"{root} has no class sub-folders; for a flat folder pass --labels FILE (filename<TAB>class)")
-    class_index = {name: i for i, name in enumerate(class_dirs)}
-    items = []
-    for path in images:
-        rel = path.relative_to(root)
-        if len(rel.parts) == 1:
-            skipped.append({"source": rel.as_posix(), "reason": "no-class-folder", "detail": "image at the top level"})
-            continue
-        items.append((rel.as_posix(), class_index[rel.parts[0]]))
-    return Listing(items, class_dirs, skipped, ignored)
 
 
 def shard_name(prefix: str, shard_id: int) -> str:
@@ -236,7 +149,7 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     settings.device = str(distributed.device_for(settings.device, ranks.local_rank))
     codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
     parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
-    listing = list_images(settings.input, settings.labels)
+    listing = list_labelled_images(settings.input, settings.labels)
     if not listing.items:
         raise ValueError(
             f"no usable images in {settings.input} "

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nit_lightning.data.sizes import parse_size
 from nit_lightning.demo.settings import DemoSettings
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def feature_specs() -> dict[str, str]:
 def make_references(settings: DemoSettings, paths: DemoPaths, extractors: dict[str, Any],
                     info: dict[str, Any]) -> dict[str, dict[str, Path]]:
     """Step 5b: reference statistics per sample size from the held-out val images, per feature extractor."""
-    from nit_lightning.evaluation.reference import build_reference, parse_size, save_reference
+    from nit_lightning.evaluation.reference import build_reference, save_reference
 
     made, out = 0, {}
     for features, extractor in extractors.items():

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from nit_lightning.data.sizes import format_size, parse_size
 from nit_lightning.evaluation.features import FeatureExtractor, load_feature_extractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
-from nit_lightning.evaluation.reference import (Reference, check_extractor, load_reference, parse_size,
-                                                reference_pool, size_name)
+from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.evaluation.sweep import load_sweep
 from nit_lightning.training.periodic import EveryNStepsCallback
 
@@ -66,12 +66,12 @@ class EvaluationCallback(EveryNStepsCallback):
             raise ValueError("give exactly one of sweep (a YAML like experiments/sweeps/resolution.yaml) or settings")
         chosen = list(load_sweep(sweep)["settings"]) if sweep is not None else [dict(s) for s in settings]
         for s in chosen:
-            s["size"] = size_name(parse_size(str(s["size"])))
+            s["size"] = format_size(parse_size(str(s["size"])))
             s.setdefault("cfg_interval", [0.0, 1.0])
             if steps is not None:  # a cheaper solver than the published one, for a quick signal during training
                 s["steps"] = steps
         if sizes:
-            wanted = {size_name(parse_size(s)) for s in sizes}
+            wanted = {format_size(parse_size(s)) for s in sizes}
             chosen = [s for s in chosen if s["size"] in wanted]
             if len(chosen) != len(wanted):
                 raise ValueError(f"sizes {sorted(wanted)} not all in the settings {[s['size'] for s in chosen]}")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nit_lightning.data.listing import list_labelled_images
 from nit_lightning.evaluation.inception import tf1_resize
-from nit_lightning.evaluation.reference import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +96,10 @@ class FeatureNet(nn.Module):
 
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """ImageNet-style folder (ROOT/<class>/<image>) -> sorted files, labels, class names."""
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise FileNotFoundError(f"{str(root)!r} has no class sub-folders; expected ROOT/<class>/<image>.png "
-                                "(make one with `python -m nit_lightning synth`)")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(path)
-                labels.append(label)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}/<class>/")
-    return files, labels, classes
+    listing = list_labelled_images(root)
+    if not listing.items:
+        raise FileNotFoundError(f"no images under {str(root)!r}/<class>/ (make some with `python -m nit_lightning synth`)")
+    return [Path(root) / rel for rel, _ in listing.items], [label for _, label in listing.items], listing.classes
 
 
 def _load_uint8(path: Path) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """ADM reference batches (npz: arr_0, mu, sigma, mu_s, sigma_s + our metadata) and building them from image folders.
 
 Build protocol for a target H x W (any resolution or aspect ratio; equal to ADM's `center_crop_arr` when H == W):
-  1. images: every file under the folder (recursive, .png/.jpg/.jpeg/.webp/.bmp), sorted by relative path, as RGB;
+  1. images: every image file under the folder (recursive, data/listing.py suffixes), sorted by relative path, as RGB;
   2. while the image is at least twice the target on both sides (min(w/W, h/H) >= 2): halve it with a box filter;
   3. scale s = max(H/h, W/w) (the short side relative to the target covers it), bicubic resize to
      (round(w·s), round(h·s));
@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from nit_lightning.data.listing import list_images
+from nit_lightning.data.sizes import format_size
 from nit_lightning.evaluation.features import FeatureExtractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats
 
@@ -29,7 +31,6 @@ log = logging.getLogger(__name__)
 META_KEY = "nit_meta"  # JSON text in a 0-d unicode array (loads without pickle; ADM's evaluator ignores it)
 POOL_KEY = "arr_0_pool"  # pool features of arr_0 by the recorded extractor (saves recomputing them per evaluation)
 ADM_ASSUMED_EXTRACTOR = "inception-2015-12-05"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROTOCOL = ("box-halve while min(w/W, h/H) >= 2; bicubic resize by max(H/h, W/w) with round(); centre crop "
             "((h'-H)//2, (w'-W)//2); files sorted by relative path")
 
@@ -52,24 +53,6 @@ class Reference:
 
     def stats(self) -> dict[str, np.ndarray]:
         return {"mu": self.mu, "sigma": self.sigma, "mu_s": self.mu_s, "sigma_s": self.sigma_s}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x512' (H x W) or '256' -> (H, W)."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"size {text!r} is not HxW (e.g. 256x256 or 480x640)") from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) <= 0:
-        raise ValueError(f"size {text!r} is not HxW with positive sides (e.g. 256x256 or 480x640)")
-    return values[0], values[1]
-
-
-def size_name(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
 
 
 def save_reference(path: str | Path, ref: Reference) -> None:
@@ -108,18 +91,6 @@ def load_reference(path: str | Path, *, load_images: bool = True) -> Reference:
             meta["size"] = [int(images.shape[1]), int(images.shape[2])]
         return Reference(mu=data["mu"], sigma=data["sigma"], mu_s=data["mu_s"], sigma_s=data["sigma_s"],
                          images=images, pool=pool, meta=meta)
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """Every image under `root`, sorted by relative path (never os.listdir order)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")
-    return files
 
 
 def fit_to_size(image: "Image.Image", height: int, width: int) -> np.ndarray:  # noqa: F821
@@ -181,7 +152,7 @@ def build_reference(images_dir: str | Path, size: tuple[int, int], extractor: Fe
         kept_images.append(batch[mask])
         kept_pool.append(feats["pool"][torch.from_numpy(mask)].numpy())
         if (b + 1) % 20 == 0:
-            log.info("reference %s: %d / %d images", size_name(size), b * batch_size + len(batch), n)
+            log.info("reference %s: %d / %d images", format_size(size), b * batch_size + len(batch), n)
     result = stats.compute()
     meta = {"extractor": extractor.name, "size": list(size), "num_images": n, "subset": int(len(chosen)),
             "seed": seed, "source": str(images_dir), "protocol": PROTOCOL, "feature_dims": dict(extractor.dims)}

@@ -20,10 +20,17 @@ import torch
 import yaml
 
 from nit_lightning import distributed
+from nit_lightning.data.listing import list_images
+from nit_lightning.data.sizes import format_size, parse_size
 from nit_lightning.evaluation.features import FeatureExtractor, is_reference_grade
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
-from nit_lightning.evaluation.reference import (Reference, check_extractor, list_images, load_reference,
-                                                nhwc_to_tensor, parse_size, reference_pool, size_name)
+from nit_lightning.evaluation.reference import (
+    Reference,
+    check_extractor,
+    load_reference,
+    nhwc_to_tensor,
+    reference_pool,
+)
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -94,8 +101,8 @@ def evaluate_samples(samples: str | Path, ref_path: str | Path, extractor: Featu
     batches, count, size = iter_sample_batches(samples, batch_size)
     ref_size = tuple(ref.meta.get("size", ()))
     if ref_size and tuple(ref_size) != size and not allow_size_mismatch:
-        raise ValueError(f"samples are {size_name(size)} but reference {str(ref_path)!r} is "
-                         f"{size_name(ref_size)}; use the reference of that size (or --allow_size_mismatch)")
+        raise ValueError(f"samples are {format_size(size)} but reference {str(ref_path)!r} is "
+                         f"{format_size(ref_size)}; use the reference of that size (or --allow_size_mismatch)")
     result = evaluate_batches(batches, ref, extractor, ref_path=ref_path, pr_dtype=pr_dtype, expected=count)
     result.update({"samples": str(samples), "size": list(size)})
     return result
@@ -115,7 +122,7 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         for key in ("size", "method", "steps", "cfg_scale", "cfg_interval"):
             if key not in entry:
                 raise ValueError(f"sweep {str(path)!r} setting {raw} lacks {key!r}")
-        entry["size"] = size_name(parse_size(str(entry["size"])))
+        entry["size"] = format_size(parse_size(str(entry["size"])))
         entry["cfg_interval"] = [float(v) for v in entry["cfg_interval"]]
         settings.append(entry)
     return {**data, "settings": settings}
@@ -138,9 +145,9 @@ def default_sample_fn(ckpt: str, num: int, device: str = "auto", extra: dict[str
                                   cfg_scale=float(setting["cfg_scale"]), cfg_interval=tuple(setting["cfg_interval"]),
                                   device=device, **passthrough, **(extra or {}))
         result = run_sample(settings)  # {"HxW": npz path}
-        if size_name(size) not in result:
-            raise RuntimeError(f"run_sample returned {sorted(result)}, not the requested {size_name(size)}")
-        return Path(result[size_name(size)])
+        if format_size(size) not in result:
+            raise RuntimeError(f"run_sample returned {sorted(result)}, not the requested {format_size(size)}")
+        return Path(result[format_size(size)])
 
     return run
 
@@ -158,7 +165,7 @@ def run_sweep(sweep_path: str | Path, *, ref_dir: str | Path, out: str | Path, n
     out.mkdir(parents=True, exist_ok=True)
     settings = sweep["settings"]
     if only:
-        wanted = {size_name(parse_size(s)) for s in only}
+        wanted = {format_size(parse_size(s)) for s in only}
         unknown = wanted - {s["size"] for s in settings}
         if unknown:
             raise ValueError(f"--settings {sorted(unknown)} not in {sweep_path} (has {[s['size'] for s in settings]})")

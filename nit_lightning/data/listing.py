@@ -1,0 +1,108 @@
+"""Image folders: which files are images, in which order, with which labels (ImageNet-style or flat + labels file)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Every reader of image folders (prepare, reference statistics, sample folders, the demo feature nets) uses this list.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
+
+
+@dataclass
+class Listing:
+    """The sorted work list: (relative path, class) per image, class names, and what was left out at listing time."""
+
+    items: list[tuple[str, int]]
+    classes: list[str]
+    skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder
+    ignored: list[str]  # files that are not images by extension (e.g. synth.json)
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
+
+
+def is_image(path: Path) -> bool:
+    """By extension; what PIL cannot read after all is skipped and counted where it is decoded."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def sorted_files(directory: Path) -> list[Path]:
+    """All files under a directory, sorted by their POSIX relative path (never listdir order)."""
+    return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix())
+
+
+def read_labels(labels_file: str | Path) -> dict[str, str]:
+    """`filename<TAB or comma>class` per line ('#' comments and blank lines allowed) -> {filename: class}."""
+    labels: dict[str, str] = {}
+    for number, raw in enumerate(Path(labels_file).read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, cls = line.partition("\t") if "\t" in line else line.rpartition(",")
+        if not sep or not name.strip() or not cls.strip():
+            raise ValueError(f"{labels_file}:{number}: {raw!r} is not 'filename<TAB or comma>class'")
+        name, cls = name.strip(), cls.strip()
+        if labels.get(name, cls) != cls:
+            raise ValueError(f"{labels_file}:{number}: {name!r} has two labels, {labels[name]!r} and {cls!r}")
+        labels[name] = cls
+    return labels
+
+
+def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None = None) -> Listing:
+    """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {root} is not a directory")
+    files = sorted_files(root)
+    skipped: list[dict[str, str]] = []
+    ignored = [p.relative_to(root).as_posix() for p in files if not is_image(p)]
+    images = [p for p in files if is_image(p)]
+    if labels_file is not None:
+        labels = read_labels(labels_file)
+        names = [str(v) for v in labels.values()]
+        if all(n.lstrip("-").isdigit() for n in names):  # integer labels are used as given
+            if any(int(n) < 0 for n in names):
+                raise ValueError(f"labels file {labels_file} has a negative class index")
+            classes = [str(i) for i in range(max((int(n) for n in names), default=-1) + 1)]
+            index = {n: int(n) for n in names}
+        else:  # class names: index = position among the sorted names, as for folders
+            classes = sorted(set(names))
+            index = {n: i for i, n in enumerate(classes)}
+        items = []
+        present = set()
+        for path in images:
+            rel = path.relative_to(root).as_posix()
+            name = rel if rel in labels else path.name
+            present.add(name)
+            if name in labels:
+                items.append((rel, index[labels[name]]))
+            else:
+                skipped.append({"source": rel, "reason": "no-label", "detail": f"not in {labels_file}"})
+        for name in sorted(set(labels) - present):
+            skipped.append({"source": name, "reason": "missing-file", "detail": f"listed in {labels_file}, not in {root}"})
+        return Listing(items, classes, skipped, ignored)
+    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{root} has no class sub-folders; for a flat folder pass --labels FILE (filename<TAB>class)")
+    class_index = {name: i for i, name in enumerate(class_dirs)}
+    items = []
+    for path in images:
+        rel = path.relative_to(root)
+        if len(rel.parts) == 1:
+            skipped.append({"source": rel.as_posix(), "reason": "no-class-folder", "detail": "image at the top level"})
+            continue
+        items.append((rel.as_posix(), class_index[rel.parts[0]]))
+    return Listing(items, class_dirs, skipped, ignored)
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image under `root` (recursive), sorted by relative path; an error when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    files = [p for p in sorted_files(root) if is_image(p)]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")
+    return files
