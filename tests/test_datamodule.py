@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nit_lightning.data.datamodule import NativeLatentDataModule
-from nit_lightning.data.stream import ShardReadError
+from nit_lightning.data.shards import ShardReadError
 from nit_lightning.models.patching import patchify
 
 from helpers.shards import write_latent_shards

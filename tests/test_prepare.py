@@ -15,7 +15,7 @@ from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
 from nit_lightning.data.listing import list_labelled_images
 from nit_lightning.data.prepare import PrepareSettings, run_prepare
-from nit_lightning.data.shards import decode_sample, iter_tar_members, load_index
+from nit_lightning.data.shards import ShardReader, load_index
 from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 
 # ---- resize rules (pure geometry, exact sizes) ----
@@ -103,11 +103,12 @@ def _settings(folder: Path, out: Path, **overrides) -> PrepareSettings:
 
 
 def _samples(out: Path) -> list:
-    return [decode_sample(k, m) for tar in sorted(out.glob("*.tar")) for k, m in iter_tar_members(tar)]
+    reader = ShardReader()
+    return [sample for tar in sorted(out.glob("*.tar")) for sample in reader.samples(tar)]
 
 
-def _members(tar: Path) -> list:
-    return list(iter_tar_members(tar))
+def _members(tar: Path) -> bytes:
+    return tar.read_bytes()  # shards are byte-identical between runs (mtime 0, fixed plan)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nit_lightning import distributed
 from nit_lightning.data.batch import PackedBatch
-from nit_lightning.data.stream import EpochPlan, RankPlan, ShardReader, ShardReadError, Source, build_plan, load_sources
-from nit_lightning.data.stream import locate
+from nit_lightning.data.epochs import EpochPlan, RankPlan, Source, build_plan, load_sources, locate
+from nit_lightning.data.shards import ShardReader, ShardReadError
 from nit_lightning.models.patching import patchify
 
 log = logging.getLogger(__name__)
