@@ -5,7 +5,7 @@ import torch
 
 from nit_lightning.diffusion.sampling import sample, StackedGenerator, per_sample_noise, SampleRequest, plan_sample_packs, sample_pack, derive_seed
 from nit_lightning.models import build_nit
-from nit_lightning.inference import NetModelFn
+from nit_lightning.generation.pipeline import NetModelFn
 torch.set_num_threads(1)
 
 def timeit(fn, reps=3):

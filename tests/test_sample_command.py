@@ -12,7 +12,7 @@ from PIL import Image
 
 from nit_lightning.commands.sample import SampleSettings, main, run_sample
 from nit_lightning.data.codecs import PixelCodec
-from nit_lightning.inference import load_generator, to_uint8
+from nit_lightning.generation.pipeline import load_pipeline, to_uint8
 from nit_lightning.models import build_nit
 
 NUM_CLASSES = 3
@@ -153,29 +153,29 @@ def test_no_png_and_size_rounding(ckpt, tmp_path):
     assert main(argv + ["--round", "floor", "--no-png"]) == 0  # complete: nothing regenerated, npz kept
 
 
-def test_load_generator_weights_and_errors(tmp_path, caplog):
+def test_load_pipeline_weights_and_errors(tmp_path, caplog):
     path = _fake_ckpt(tmp_path / "a.ckpt", live_offset=1.0)
-    ema = load_generator(path)
-    live = load_generator(path, use_ema=False)
+    ema = load_pipeline(path)
+    live = load_pipeline(path, use_ema=False)
     assert ema.meta["weights"].startswith("ema") and live.meta["weights"].startswith("live")
     assert ema.meta["ignored_keys"] == 0 and live.meta["ignored_keys"] == 1
     w_e, w_l = ema.net.final_layer.linear.weight, live.net.final_layer.linear.weight
     torch.testing.assert_close(w_l, w_e + 1.0)
     assert isinstance(ema.codec, PixelCodec) and ema.size_multiple == 2 and not ema.net.training
-    noema = load_generator(_fake_ckpt(tmp_path / "b.ckpt", ema=False))
+    noema = load_pipeline(_fake_ckpt(tmp_path / "b.ckpt", ema=False))
     assert "no ema_state_dict" in noema.meta["weights"] and "no EMA weights" in caplog.text
     bad = torch.load(path, weights_only=True)
     bad["ema_state_dict"]["extra.weight"] = torch.zeros(1)
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(RuntimeError, match="extra.weight"):  # strict load names the stray key
-        load_generator(tmp_path / "bad.ckpt")
+        load_pipeline(tmp_path / "bad.ckpt")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="--codec dcae:"):
-        load_generator(tmp_path / "model.safetensors")
+        load_pipeline(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="makes 48-channel latents but the net expects in_channels=12"):
-        load_generator(path, codec="pixel:4")
+        load_pipeline(path, codec="pixel:4")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_generator(tmp_path / "nope.ckpt")
+        load_pipeline(tmp_path / "nope.ckpt")
 
 
 def test_uint8_rule():
@@ -207,7 +207,7 @@ def test_official_safetensors_plumbing(tmp_path):
     for p in src.parameters():
         p.data.normal_(0, 0.1)
     save_file({k: v.contiguous() for k, v in official_state_dict(src).items()}, str(tmp_path / "model.safetensors"))
-    gen = load_generator(tmp_path / "model.safetensors", codec="pixel:2")
+    gen = load_pipeline(tmp_path / "model.safetensors", codec="pixel:2")
     assert gen.net.config.rope_layout == "reference" and gen.meta["weights"].startswith("official")
     assert (gen.net.config.depth, gen.net.config.hidden_size, gen.net.config.num_heads) == (2, 64, 2)
     for (k, a), b in zip(src.state_dict().items(), gen.net.state_dict().values()):

@@ -273,7 +273,7 @@ def test_load_repo_sweep_files():
 
 
 def test_net_model_fn_builds_meta_once_per_branch():
-    from nit_lightning.inference import NetModelFn
+    from nit_lightning.generation.pipeline import NetModelFn
 
     net = _tiny_net()
     built = []
@@ -289,7 +289,7 @@ def test_net_model_fn_builds_meta_once_per_branch():
 
 
 def test_net_model_fn_bf16_autocast_close_to_fp32():
-    from nit_lightning.inference import NetModelFn
+    from nit_lightning.generation.pipeline import NetModelFn
 
     net = _tiny_net().float()
     hw, y = torch.tensor([[3, 4]]), torch.tensor([3])

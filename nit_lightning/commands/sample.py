@@ -123,7 +123,7 @@ def _progress(enabled: bool):
 
 def run_sample(settings: SampleSettings, generator: Any = None) -> dict[str, Path]:
     """Generate exactly num_samples images per size (skipping existing PNGs); returns {"HxW": npz path}."""
-    from nit_lightning.inference import load_generator
+    from nit_lightning.generation.pipeline import load_pipeline
 
     if settings.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
@@ -133,7 +133,7 @@ def run_sample(settings: SampleSettings, generator: Any = None) -> dict[str, Pat
     rank, world = ranks.rank, ranks.world
     device = distributed.device_for(settings.device, ranks.local_rank)
     with distributed.process_group(ranks, device):
-        gen = generator or load_generator(settings.ckpt, use_ema=settings.use_ema, rope_layout=settings.rope_layout,
+        gen = generator or load_pipeline(settings.ckpt, use_ema=settings.use_ema, rope_layout=settings.rope_layout,
                                           device=device, codec=settings.codec)
         out: dict[str, Path] = {}
         for job in settings.jobs():

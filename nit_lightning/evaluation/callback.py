@@ -30,9 +30,9 @@ def sample_features(net: torch.nn.Module, codec: Any, setting: dict[str, Any], e
                     precision: str = "fp32", device: torch.device | str = "cpu") -> ADMFeatureStats:
     """This rank's share (indices rank, rank + world, ...) of `num` samples of one setting, as feature statistics."""
     from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
-    from nit_lightning.inference import Generator
+    from nit_lightning.generation.pipeline import Pipeline
 
-    gen = Generator(net=net, codec=codec)
+    gen = Pipeline(net=net, codec=codec)
     h, w = parse_size(setting["size"])
     m = gen.size_multiple
     if h % m or w % m:

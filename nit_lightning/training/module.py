@@ -248,7 +248,7 @@ class NiTModule(LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def nit_meta(self) -> dict[str, Any]:
-        """What `inference.load_generator` needs to rebuild the net and decode its output."""
+        """What `generation.pipeline.load_pipeline` needs to rebuild the net and decode its output."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         codec = getattr(dm, "codec_description", None)
         return {

@@ -13,7 +13,7 @@ from nit_lightning.training.periodic import EveryNStepsCallback
 from nit_lightning.data.codecs import Codec, resolve_codec
 from nit_lightning.data.sizes import format_size, parse_interval, parse_size, validate_size
 from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
-from nit_lightning.inference import Generator
+from nit_lightning.generation.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class SampleGridCallback(EveryNStepsCallback):
         net.eval()
         try:
             with self._weights(trainer, pl_module):
-                gen = Generator(net=net, codec=codec)
+                gen = Pipeline(net=net, codec=codec)
                 for pack in packs:
                     x = sample_pack(gen.model_fn(self.precision), pack, gen.token_dim, device=device, method=self.method,
                                     steps=self.steps, cfg_scale=self.cfg_scale, cfg_interval=self.cfg_interval,

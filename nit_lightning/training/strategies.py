@@ -140,7 +140,7 @@ class NiTFSDP2Strategy(ModelParallelStrategy):
     """ModelParallelStrategy (data parallel only) applying FSDP2 `fully_shard` per NiT block before Lightning's setup.
 
     Per-block activation checkpointing stays with the module (`model.activation_checkpointing: true`), which wraps
-    `block.forward` without renaming parameters. Checkpoints default to one full file (inference reads files).
+    `block.forward` without renaming parameters. Checkpoints default to one full file (generation reads files).
     """
 
     def __init__(

@@ -1,8 +1,13 @@
-"""Load a generator (net + codec + meta) from a Lightning checkpoint or official safetensors; packed model_fn; decode."""
+"""A pipeline = a network ready to sample + the codec that decodes its latents + where they came from.
+
+`load_pipeline` reads a Lightning checkpoint (EMA weights by default) or official safetensors; `Pipeline.model_fn`
+is the packed model_fn the samplers call; `Pipeline.decode` turns packed tokens into uint8 images.
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 @dataclass
-class Generator:
+class Pipeline:
     """A network ready to sample (eval, no grad), the codec that decodes its latents, and where they came from."""
 
     net: NiT
@@ -59,6 +64,19 @@ class Generator:
                 for i, image in zip(indices, to_uint8(images).cpu()):
                     out[i] = image
         return out  # type: ignore[return-value]
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor of the state dict: which model made a sample set.
+
+    It names the weights, not the file: re-saving the same weights keeps it, another step or run changes it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -154,14 +172,14 @@ def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, dict[str, 
     return net, meta
 
 
-def load_generator(
+def load_pipeline(
     path: str | Path,
     *,
     use_ema: bool = True,
     rope_layout: str | None = None,
     device: str | torch.device = "cpu",
     codec: Codec | str | dict | None = None,
-) -> Generator:
+) -> Pipeline:
     """Lightning `.ckpt` (EMA weights unless use_ema=False; strict) or an official `.safetensors` (needs `codec`)."""
     path = Path(path)
     if not path.is_file():
@@ -187,4 +205,5 @@ def load_generator(
         )
     meta["codec"], meta["codec_from"] = the_codec.describe(), codec_from
     net = net.to(device).eval().requires_grad_(False)
-    return Generator(net=net, codec=the_codec, meta=meta)
+    meta["weights_sha256"] = weights_digest(net)
+    return Pipeline(net=net, codec=the_codec, meta=meta)
