@@ -47,10 +47,10 @@ gpu-check: install
 	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
 
 eval-res-sweep: install
-	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref_dir $(REF_DIR) --num $(NUM) --out $(OUT)/resolution $(SWEEP_ARGS)
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/resolution $(SWEEP_ARGS)
 
 eval-ar-sweep: install
-	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref_dir $(REF_DIR) --num $(NUM) --out $(OUT)/aspect_ratio $(SWEEP_ARGS)
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/aspect_ratio $(SWEEP_ARGS)
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -4,17 +4,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-# Commands of the suite other than Lightning's; each module exposes `main(argv: list[str]) -> int | None`.
+# Commands of the suite other than Lightning's: nit_lightning/cli/<name>.py, each with `main(argv) -> int`.
 # Imported lazily so that `--help` of one command never pays for another's imports.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("nit_lightning.commands.synth", "write a procedural native-resolution image folder"),
-    "prepare": ("nit_lightning.commands.prepare", "encode an image folder into latent WebDataset shards"),
-    "sample": ("nit_lightning.commands.sample", "generate images from a checkpoint (PNG + ADM npz)"),
-    "reference": ("nit_lightning.commands.reference", "build or inspect ADM-format reference statistics"),
-    "evaluate": ("nit_lightning.commands.evaluate", "FID / sFID / IS / precision / recall of a sample set"),
-    "sweep": ("nit_lightning.commands.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
-    "featurenet": ("nit_lightning.commands.featurenet", "train the small demo feature network (Inception stand-in)"),
-    "demo": ("nit_lightning.commands.demo", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
+    "synth": ("nit_lightning.cli.synth", "write a procedural native-resolution image folder"),
+    "prepare": ("nit_lightning.cli.prepare", "encode an image folder into latent WebDataset shards"),
+    "sample": ("nit_lightning.cli.sample", "generate images from a checkpoint (PNG + ADM npz)"),
+    "reference": ("nit_lightning.cli.reference", "build or inspect ADM-format reference statistics"),
+    "evaluate": ("nit_lightning.cli.evaluate", "FID / sFID / IS / precision / recall of a sample set"),
+    "sweep": ("nit_lightning.cli.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
+    "featurenet": ("nit_lightning.cli.featurenet", "train the small demo feature network (Inception stand-in)"),
+    "demo": ("nit_lightning.cli.demo", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(argv[1:]) or 0)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
-        from nit_lightning.training.cli import main as lightning_main
+        from nit_lightning.cli.lightning import main as lightning_main
 
         return int(lightning_main(argv) or 0)
     print(f"unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

@@ -14,7 +14,7 @@ PAPER = ["nit_b_ablation_native", "nit_b_ablation_mix", "nit_b_ablation_fixed", 
 
 
 def cli(args: list[str]):
-    from nit_lightning.training.cli import run_cli
+    from nit_lightning.cli.lightning import run_cli
 
     return run_cli(args)
 

@@ -60,11 +60,11 @@ def test_resume_into_an_out_with_other_settings_is_refused(tmp_path):
         check_settings(make_settings(str(tmp_path), train_steps=5), tmp_path)
 
 
-def test_demo_command_reports_bad_settings_with_exit_code_2(tmp_path, caplog):
-    from nit_lightning.commands.demo import main
+def test_demo_command_reports_bad_settings_with_exit_code_2(tmp_path, capsys):
+    from nit_lightning.cli.demo import main
 
     assert main(["--out", str(tmp_path), "--num-samples", "7"]) == 2
-    assert "num_samples=7" in caplog.text
+    assert "num_samples=7" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nit_lightning.commands import featurenet as featurenet_cmd
+from nit_lightning.cli import featurenet as featurenet_cmd
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, load_featurenet, save_featurenet
 from nit_lightning.evaluation.features import load_feature_extractor
 
@@ -42,7 +42,7 @@ def test_train_save_load_and_spec(tmp_path):
     write_two_colour_folder(data)
     out = tmp_path / "fnet.pt"
     assert featurenet_cmd.main(["--data", str(data), "--out", str(out), "--epochs", "6", "--size", "16",
-                                "--batch_size", "16"]) == 0
+                                "--batch-size", "16"]) == 0
     payload = torch.load(out, weights_only=True)
     assert payload["classes"] == ["blue", "red"] and "NOT comparable" in payload["note"]
     assert payload["report"]["train_acc"] >= 0.9, payload["report"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nit_lightning.commands.prepare import main as prepare_main
+from nit_lightning.cli.prepare import main as prepare_main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
 from nit_lightning.data.listing import list_labelled_images

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nit_lightning.commands import reference as reference_cmd
+from nit_lightning.cli import reference as reference_cmd
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet

@@ -32,7 +32,7 @@ class Recorder(Callback):
 
 
 def run(workdir: Path, shards: Path, max_steps: int, monkeypatch, extra: list[str] = ()) -> Recorder:
-    from nit_lightning.training.cli import run_cli
+    from nit_lightning.cli.lightning import run_cli
 
     workdir.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(workdir)

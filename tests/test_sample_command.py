@@ -1,4 +1,4 @@
-"""`sample` end to end on CPU with a debug net + PixelCodec(2): counts, labels, resume, npz == PNGs, ranks, loading."""
+"""`sample` end to end on CPU with a debug net + PixelCodec(2): counts, labels, resume, provenance, ranks, loading."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,14 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from nit_lightning.commands.sample import SampleSettings, main, run_sample
+from nit_lightning.cli.sample import main
 from nit_lightning.data.codecs import PixelCodec
+from nit_lightning.generation import sample_set
+from nit_lightning.generation.images import ImageRequest, NonFiniteSamples, generate
 from nit_lightning.generation.pipeline import load_pipeline, to_uint8
+from nit_lightning.generation.sample_set import SampleRun, run_sample
+from nit_lightning.generation.settings import SamplerSettings, SweepSetting
 from nit_lightning.models import build_nit
 
 NUM_CLASSES = 3
-
-
 
 
 def _fake_ckpt(path, *, ema=True, live_offset=0.0):
@@ -68,7 +70,8 @@ def test_end_to_end_counts_labels_npz(ckpt, tmp_path):
         for i in range(5):
             np.testing.assert_array_equal(data["arr_0"][i], np.asarray(Image.open(folder / f"{i:06d}.png")))
         assert data["arr_0"].std() > 0  # a random net makes non-constant images
-        assert json.loads((folder / "settings.json").read_text())["cfg_scale"] == 2.0
+        record = json.loads((folder / "provenance.json").read_text())
+        assert record["sampler"]["cfg_scale"] == 2.0 and len(record["weights_sha256"]) == 64
 
 
 def test_resume_regenerates_only_missing(ckpt, tmp_path, monkeypatch):
@@ -78,21 +81,18 @@ def test_resume_regenerates_only_missing(ckpt, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
     (folder / "000002.png").unlink()
     written = []
-    import nit_lightning.commands.sample as cmd
-
-    real_save = cmd.save_png
-    monkeypatch.setattr(cmd, "save_png", lambda image, path: (written.append(path.name), real_save(image, path)))
+    real_save = sample_set.write_png
+    monkeypatch.setattr(sample_set, "write_png", lambda image, path: (written.append(path.name), real_save(image, path)))
     main(_argv(ckpt, out))
     assert written == ["000002.png"]  # only the deleted one, and nothing for the complete 4x12 folder
     assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == before  # regenerated bit-identically
-    with pytest.raises(ValueError, match="other settings .*cfg_scale"):
-        main(_argv(ckpt, out)[:-1] + ["--cfg", "3.0", "--no-progress"])
+    assert main(_argv(ckpt, out)[:-1] + ["--cfg", "3.0", "--no-progress"]) == 2  # other settings: refused
 
 
 def test_ranks_and_pack_budget_do_not_change_samples(ckpt, tmp_path, monkeypatch):
-    base = SampleSettings(ckpt=str(ckpt), out=str(tmp_path / "one"), sizes=[(8, 8), (4, 12)], num_samples=5, steps=3,
-                          cfg_scale=2.0, cfg_interval=(0.0, 0.7), method="sde", device="cpu", progress=False,
-                          tokens_per_pack=1000)
+    sampler = SamplerSettings(method="sde", steps=3, cfg_scale=2.0, cfg_interval=(0.0, 0.7))
+    base = SampleRun(ckpt=str(ckpt), out=str(tmp_path / "one"), settings=[SweepSetting((8, 8), sampler),
+                     SweepSetting((4, 12), sampler)], num_samples=5, device="cpu", progress=False, tokens_per_pack=1000)
     one = run_sample(base)
     # Two "ranks" with another pack budget: rank 1 makes its strided slice, then rank 0 the rest and the npz.
     two = dataclasses.replace(base, out=str(tmp_path / "two"), tokens_per_pack=32)
@@ -129,8 +129,8 @@ def test_two_processes_gloo_match_one(ckpt, tmp_path):
 
     import torch.multiprocessing as mp
 
-    base = SampleSettings(ckpt=str(ckpt), out=str(tmp_path / "one"), sizes=[(8, 8)], num_samples=5, steps=2,
-                          method="sde", device="cpu", progress=False)
+    base = SampleRun(ckpt=str(ckpt), out=str(tmp_path / "one"), num_samples=5, device="cpu", progress=False,
+                     settings=[SweepSetting((8, 8), SamplerSettings(method="sde", steps=2))])
     one = run_sample(base)["8x8"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -147,7 +147,7 @@ def test_no_png_and_size_rounding(ckpt, tmp_path):
     argv = ["--ckpt", str(ckpt), "--sizes", "9x6", "--num-samples", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--no-progress"]
     with pytest.raises(ValueError, match="9x6 is not a multiple of 2 .*10x6 \\(--round nearest\\) or 8x6"):
-        main(argv)
+        run_sample(SampleRun(ckpt=str(ckpt), out=str(out), settings=[SweepSetting((9, 6))], num_samples=2))
     assert main(argv + ["--round", "floor", "--no-png"]) == 0
     assert _pngs(out / "8x6") == [] and np.load(out / "8x6" / "samples_2x8x6x3.npz")["arr_0"].shape == (2, 8, 6, 3)
     assert main(argv + ["--round", "floor", "--no-png"]) == 0  # complete: nothing regenerated, npz kept
@@ -186,15 +186,71 @@ def test_uint8_rule():
 
 def test_sweep_file_settings_per_size(ckpt, tmp_path):
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("settings:\n  - {size: 8x8, method: heun, steps: 2, cfg: 1.5, interval: [0, 0.7]}\n"
+    sweep.write_text("defaults: {steps: 3}\nsettings:\n  - {size: 8x8, method: heun, steps: 2, cfg: 1.5, interval: [0, 0.7]}\n"
                      "  - {size: 4x12, method: sde}\n")
     out = tmp_path / "s"
-    assert main(["--ckpt", str(ckpt), "--sweep", str(sweep), "--num-samples", "2", "--steps", "3", "--out", str(out),
-                 "--device", "cpu", "--no-progress"]) == 0
-    a = json.loads((out / "8x8" / "settings.json").read_text())
-    b = json.loads((out / "4x12" / "settings.json").read_text())
+    argv = ["--ckpt", str(ckpt), "--sweep", str(sweep), "--num-samples", "2", "--out", str(out), "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 0
+    a = json.loads((out / "8x8" / "provenance.json").read_text())["sampler"]
+    b = json.loads((out / "4x12" / "provenance.json").read_text())["sampler"]
     assert (a["method"], a["steps"], a["cfg_scale"], a["cfg_interval"]) == ("heun", 2, 1.5, [0.0, 0.7])
-    assert (b["method"], b["steps"], b["cfg_scale"]) == ("sde", 3, 1.0)  # --steps fills what the file leaves open
+    assert (b["method"], b["steps"], b["cfg_scale"]) == ("sde", 3, 1.0)  # the file's defaults fill what it leaves open
+    assert main(argv + ["--steps", "5"]) == 2  # the sweep file sets the sampler: a solver flag beside it is refused
+
+
+def test_a_replaced_checkpoint_is_refused_a_moved_one_resumes(ckpt, tmp_path, capsys):
+    """Provenance is the weights' digest, not the path: new weights at the same path cannot join an old set."""
+    out = tmp_path / "samples"
+    argv = _argv(ckpt, out)
+    assert main(argv) == 0
+    (out / "8x8" / "000001.png").unlink()
+    moved = tmp_path / "moved.ckpt"
+    ckpt.rename(moved)
+    assert main(_argv(moved, out)) == 0  # same weights elsewhere: resumes
+    _fake_ckpt(ckpt, live_offset=0.0)
+    state = torch.load(ckpt, weights_only=True)
+    state["ema_state_dict"]["final_layer.linear.bias"] += 1.0  # another model saved as last.ckpt
+    torch.save(state, ckpt)
+    (out / "8x8" / "000002.png").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another model" in err and "weights_sha256" in err and "Traceback" not in err
+    assert not (out / "8x8" / "000002.png").exists()  # nothing of the other model was written
+
+
+def test_user_errors_are_one_line(ckpt, tmp_path, capsys):
+    out = str(tmp_path / "s")
+    cases = {
+        "not a multiple": ["--sizes", "9x6"],
+        "num_samples": ["--sizes", "8x8", "--num-samples", "0"],
+        "steps=0": ["--sizes", "8x8", "--steps", "0"],
+        "does not exist": ["--sizes", "8x8", "--ckpt", str(tmp_path / "missing.ckpt")],
+        "0 <= lo <= hi <= 1": ["--sizes", "8x8", "--interval", "0.7,0.2"],
+        "not a finite number": ["--sizes", "8x8", "--cfg", "nan"],
+        "makes 48-channel latents": ["--sizes", "8x8", "--codec", "pixel:4"],
+        "is now spelled --num-samples": ["--sizes", "8x8", "--num_samples", "3"],
+    }
+    if not torch.cuda.is_available():
+        cases["CUDA is not available"] = ["--sizes", "8x8", "--device", "cuda"]
+    for message, extra in cases.items():
+        argv = ["--ckpt", str(ckpt), "--out", out, "--no-progress", "--device", "cpu", *extra]
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (message, err)
+
+
+def test_non_finite_samples_raise_naming_the_images(ckpt):
+    pipeline = load_pipeline(ckpt)
+    with torch.no_grad():
+        pipeline.net.final_layer.linear.bias[0] = float("nan")
+    requests = [ImageRequest(i, (8, 8), i % NUM_CLASSES, i) for i in (4, 9)]
+    with pytest.raises(NonFiniteSamples, match=r"2 of 2 images .*indices \[4, 9\]"):
+        next(generate(pipeline, requests, SamplerSettings(steps=2)))
 
 
 def test_official_safetensors_plumbing(tmp_path):

@@ -11,9 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.models import build_nit
+from nit_lightning.generation.settings import SamplerSettings
 from nit_lightning.training.sample_grid import SampleGridCallback, make_grid
-
-
 
 
 class TinyModule(pl.LightningModule):
@@ -60,8 +59,8 @@ class FakeEMA(pl.Callback):
 
 
 def _callback(**kw):
-    args = dict(every_n_steps=2, sizes=["8x8", "4x12"], classes=[0, 1, 2], steps=2, cfg_scale=2.0,
-                cfg_interval=(0.0, 0.7), tokens_per_pack=64)
+    args = dict(every_n_steps=2, sizes=["8x8", "4x12"], classes=[0, 1, 2], tokens_per_pack=64,
+                sampler=SamplerSettings(steps=2, cfg_scale=2.0, cfg_interval=(0.0, 0.7)))
     return SampleGridCallback(**{**args, **kw})
 
 

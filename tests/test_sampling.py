@@ -4,14 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nit_lightning.data.sizes import (
-    PUBLISHED_SETTINGS, load_sweep, parse_interval, parse_size, parse_sizes, token_grid_of, validate_size,
-)
+from nit_lightning.data.sizes import parse_size, parse_sizes, validate_size
 from nit_lightning.diffusion.sampling import (
     SampleRequest, StackedGenerator, derive_seed, per_sample_noise, plan_sample_packs, sample, sample_pack,
 )
-
-
 
 
 
@@ -236,40 +232,6 @@ def test_sizes_parse_validate_round(caplog):
     assert validate_size((432, 250), 32, round="nearest") == (448, 256)
     assert "rounded (nearest) to 448x256" in caplog.text
     assert validate_size((20, 10), 32, round="floor") == (32, 32)
-    assert token_grid_of((320, 960), 32, 1) == (10, 30) and token_grid_of((64, 32), 2, 2) == (16, 8)
-    assert parse_interval("0,0.7") == (0.0, 0.7)
-    with pytest.raises(ValueError, match="lo <= hi"):
-        parse_interval([0.8, 0.2])
-
-
-def test_load_sweep(tmp_path):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(
-        "defaults: {steps: 10}\nsettings:\n  - {size: 64x32, cfg: 2.0, interval: [0, 0.7]}\n"
-        "  - {size: 256x256, published: true}\n  - 32x64\n"
-    )
-    a, b, c = load_sweep(path)
-    assert (a.size, a.steps, a.cfg_scale, a.cfg_interval, a.method) == ((64, 32), 10, 2.0, (0.0, 0.7), "euler")
-    assert (b.method, b.steps, b.cfg_scale) == ("sde", 250, 2.25)  # the published table overrides file defaults
-    assert c.size == (32, 64) and len(PUBLISHED_SETTINGS) == 12
-    path.write_text("settings:\n  - {size: 64x32, method: dpm}\n")
-    with pytest.raises(ValueError, match="method 'dpm'"):
-        load_sweep(path)
-
-
-def test_load_repo_sweep_files():
-    """experiments/sweeps/*.yaml (the sweep engineer's files) load, and agree with the SPEC §7 table."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
-    files = sorted(root.glob("*.yaml"))
-    if not files:
-        pytest.skip("no experiments/sweeps/*.yaml in this checkout")
-    for path in files:
-        for s in load_sweep(path):
-            ref = PUBLISHED_SETTINGS[s.name]
-            assert (s.method, s.steps, s.cfg_scale, s.cfg_interval) == (
-                ref["method"], ref["steps"], ref["cfg_scale"], ref["cfg_interval"]), (path.name, s.name)
 
 
 def test_net_model_fn_builds_meta_once_per_branch():

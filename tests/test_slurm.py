@@ -94,7 +94,7 @@ def test_sample_eval_array_mode(tmp_path):
     code, calls, err = _dry_run(tmp_path, "sample_eval.sbatch", SLURM_ARRAY_TASK_ID="2", CKPT="/c/last.ckpt", NUM="100")
     assert code == 0, err
     assert ("python -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt /c/last.ckpt "
-            "--ref_dir references --num 100 --out outputs/sweeps/resolution --settings 768x768") in calls
+            "--ref-dir references --num-samples 100 --out outputs/sweeps/resolution --sizes 768x768") in calls
     code, _, err = _dry_run(tmp_path / "bad", "sample_eval.sbatch", SLURM_ARRAY_TASK_ID="6")
     assert code == 2 and "has 6 settings" in err
 
@@ -104,7 +104,7 @@ def test_sample_eval_sharded_mode(tmp_path):
                                 SLURM_JOB_NODELIST="gpu[003-004]", SWEEP="experiments/sweeps/aspect_ratio.yaml",
                                 EXTRA_ARGS="--features featurenet:/f.pt")
     assert code == 0, err
-    assert "--settings 320x960,416x768,480x640,640x480,768x416,960x320 --features featurenet:/f.pt" in calls
+    assert "--sizes 320x960,416x768,480x640,640x480,768x416,960x320 --features featurenet:/f.pt" in calls
     assert "RANK=3 WORLD_SIZE=16 LOCAL_RANK=3 MASTER=gpu003:18456" in calls  # 15000 + 123456 % 10000
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 import yaml
 
-from nit_lightning.commands import evaluate as evaluate_cmd
-from nit_lightning.commands import sweep as sweep_cmd
+from nit_lightning.cli import evaluate as evaluate_cmd
+from nit_lightning.cli import sweep as sweep_cmd
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
 from nit_lightning.evaluation.features import load_feature_extractor
 from nit_lightning.evaluation.reference import Reference, nhwc_to_tensor, save_reference
-from nit_lightning.evaluation.sweep import evaluate_samples, load_sweep, run_sweep
-
-
+from nit_lightning.evaluation.evaluate import evaluate_samples
+from nit_lightning.evaluation.sweep import run_sweep
+from nit_lightning.generation.settings import load_sweep
 
 
 @pytest.fixture
@@ -89,16 +89,16 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     calls = []
 
     def stub(setting, out_dir):
-        calls.append(setting["size"])
-        h, w = map(int, setting["size"].split("x"))
-        path = out_dir / setting["size"] / "samples.npz"
+        calls.append(setting.name)
+        h, w = setting.size
+        path = out_dir / setting.name / "samples.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, arr_0=_images(10, h, w, 9))
         return path
 
     extractor = load_feature_extractor(features)
     kwargs = dict(ref_dir=tmp_path / "refs", out=tmp_path / "out", num=10, extractor=extractor, sample_fn=stub)
-    summary = run_sweep(tmp_path / "toy.yaml", **kwargs)
+    summary = run_sweep(load_sweep(tmp_path / "toy.yaml"), **kwargs)
     assert summary["results"]["16x16"]["status"] == "ok"
     assert summary["results"]["16x32"]["status"] == "failed" and "16x32.npz" in summary["results"]["16x32"]["error"]
     table = (tmp_path / "out" / "results.md").read_text()
@@ -107,26 +107,12 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert list((tmp_path / "out" / "tb").iterdir())
     _reference(tmp_path / "refs" / "16x32.npz", features, 16, 32)
     calls.clear()
-    summary = run_sweep(tmp_path / "toy.yaml", **kwargs)
+    summary = run_sweep(load_sweep(tmp_path / "toy.yaml"), **kwargs)
     assert calls == ["16x32"]  # the finished 16x16 was reused, not resampled
     assert all(r["status"] == "ok" for r in summary["results"].values())
     calls.clear()
-    run_sweep(tmp_path / "toy.yaml", **{**kwargs, "num": 10}, only=["16x32"])
+    run_sweep(load_sweep(tmp_path / "toy.yaml").select(["16x32"]), **kwargs)
     assert calls == []
-    with pytest.raises(ValueError, match="not in"):
-        run_sweep(tmp_path / "toy.yaml", **kwargs, only=["64x64"])
-
-
-def test_published_sweep_files_carry_the_spec_table():
-    res = load_sweep("experiments/sweeps/resolution.yaml")
-    ar = load_sweep("experiments/sweeps/aspect_ratio.yaml")
-    assert [s["size"] for s in res["settings"]] == ["256x256", "512x512", "768x768", "1024x1024", "1536x1536",
-                                                     "2048x2048"]
-    assert [s["size"] for s in ar["settings"]] == ["320x960", "416x768", "480x640", "640x480", "768x416", "960x320"]
-    first = res["settings"][0]
-    assert (first["method"], first["steps"], first["cfg_scale"], first["cfg_interval"]) == ("sde", 250, 2.25, [0, 0.7])
-    assert first["published"] == {"fid": 2.16, "sfid": 6.34, "is": 253.44, "precision": 0.79, "recall": 0.62}
-    assert ar["settings"][0]["published"]["fid"] == 16.85 and ar["settings"][-1]["cfg_scale"] == 4.5
 
 
 def _debug_ckpt(path) -> None:
@@ -145,14 +131,14 @@ def _debug_ckpt(path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_cli_end_to_end_with_the_sample_command(tmp_path, features):
+def test_sweep_cli_end_to_end_with_the_sample_command(tmp_path, features, capsys):
     _debug_ckpt(tmp_path / "last.ckpt")
     _sweep_file(tmp_path / "toy.yaml", ["16x16", "8x24"])
     (tmp_path / "refs").mkdir()
     _reference(tmp_path / "refs" / "16x16.npz", features, 16, 16)
     _reference(tmp_path / "refs" / "8x24.npz", features, 8, 24)
-    argv = ["--sweep", str(tmp_path / "toy.yaml"), "--ckpt", str(tmp_path / "last.ckpt"), "--ref_dir",
-            str(tmp_path / "refs"), "--num", "6", "--out", str(tmp_path / "out"), "--features", features,
+    argv = ["--sweep", str(tmp_path / "toy.yaml"), "--ckpt", str(tmp_path / "last.ckpt"), "--ref-dir",
+            str(tmp_path / "refs"), "--num-samples", "6", "--out", str(tmp_path / "out"), "--features", features,
             "--device", "cpu"]
     assert sweep_cmd.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -160,7 +146,11 @@ def test_sweep_cli_end_to_end_with_the_sample_command(tmp_path, features):
         metrics = summary["results"][size]["metrics"]
         assert metrics["num_samples"] == 6 and np.isfinite(metrics["fid"]) and 0 <= metrics["precision"] <= 1
     assert (tmp_path / "out" / "samples" / "8x24").is_dir()
-    assert sweep_cmd.main(argv + ["--settings", "8x24"]) == 0  # reused, nothing resampled
+    assert sweep_cmd.main(argv + ["--sizes", "8x24"]) == 0  # reused, nothing resampled
+    for old, new in (("--ref-dir", "--ref_dir"), ("--num-samples", "--num")):  # the old spellings name the new ones
+        with pytest.raises(SystemExit) as stop:
+            sweep_cmd.main([new if a == old else a for a in argv])
+        assert stop.value.code == 2 and f"{new} is now spelled {old}" in capsys.readouterr().err
 
 
 def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, features):
@@ -168,8 +158,12 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     from types import SimpleNamespace
 
     from nit_lightning.data.codecs import PixelCodec
-    from nit_lightning.evaluation.callback import EvaluationCallback, sample_features
+    from nit_lightning.distributed import Ranks
+    from nit_lightning.evaluation.evaluate import sample_feature_stats
+    from nit_lightning.generation.pipeline import Pipeline
+    from nit_lightning.generation.settings import setting_from_dict
     from nit_lightning.models import build_nit
+    from nit_lightning.training.periodic_eval import EvaluationCallback
 
     torch.manual_seed(0)
     net = build_nit("NiT-debug", in_channels=12, num_classes=3)
@@ -179,8 +173,10 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     _reference(tmp_path / "refs" / "8x8.npz", features, 8, 8)
     setting = {"size": "8x8", "method": "euler", "steps": 2, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.7]}
     extractor = load_feature_extractor(features)
-    one = sample_features(net, PixelCodec(2), setting, extractor, num=6)
-    parts = [sample_features(net, PixelCodec(2), setting, extractor, num=6, rank=r, world=2) for r in (0, 1)]
+    pipeline = Pipeline(net=net.eval(), codec=PixelCodec(2))
+    one = sample_feature_stats(pipeline, setting_from_dict(setting), extractor, num=6)
+    parts = [sample_feature_stats(pipeline, setting_from_dict(setting), extractor, num=6, ranks=Ranks(r, 2))
+             for r in (0, 1)]
     torch.testing.assert_close(parts[0].pool_total + parts[1].pool_total, one.pool_total)
     assert int(parts[0].count + parts[1].count) == 6
 

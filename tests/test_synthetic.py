@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nit_lightning.commands.synth import main as synth_main
+from nit_lightning.cli.synth import main as synth_main
 from nit_lightning.data.synthetic import FAMILIES, SynthSettings, class_style, render, write_synthetic
 
 

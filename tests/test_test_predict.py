@@ -7,7 +7,7 @@ import torch
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.diffusion.flow import FlowMatchingLoss
 from nit_lightning.models import build_nit
-from nit_lightning.training.cli import main as cli_main, run_cli
+from nit_lightning.cli.lightning import main as cli_main, run_cli
 from helpers.fit import fit_args
 from helpers.shards import write_latent_shards
 

@@ -82,7 +82,7 @@ def test_warmup_is_linear_then_constant():
 @pytest.mark.slow
 def test_fit_on_real_datamodule_writes_meta_and_ema(shards, tmp_path, monkeypatch):
     from nit_lightning.training.callbacks import ThroughputMonitor
-    from nit_lightning.training.cli import run_cli
+    from nit_lightning.cli.lightning import run_cli
 
     monkeypatch.chdir(tmp_path)
     cli = run_cli(fit_args(shards, max_steps=3), trainer_defaults={"callbacks": [ThroughputMonitor(window=1, peak_flops=1e12)]})
@@ -156,7 +156,7 @@ def test_grad_norm_guard_raises_on_nonfinite_gradients():
 
 @pytest.mark.slow
 def test_validation_runs_with_ema_weights_and_restores_live_ones(shards, tmp_path, monkeypatch):
-    from nit_lightning.training.cli import run_cli
+    from nit_lightning.cli.lightning import run_cli
 
     from lightning.pytorch import Callback
 

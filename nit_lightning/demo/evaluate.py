@@ -18,15 +18,18 @@ FEATURE_LABELS = {"featurenet": "feature net: demo CNN, not Inception", "incepti
 
 def sample_run(settings: DemoSettings, paths: DemoPaths, name: str, ckpt: Path, info: dict[str, Any]) -> dict[str, Path]:
     """Step 4: `num_samples` images per size (label i mod K, seed per image); `run_sample` resumes from its PNGs."""
-    from nit_lightning.commands.sample import SampleSettings, run_sample
+    from nit_lightning.data.sizes import parse_size
+    from nit_lightning.generation.sample_set import SampleRun, run_sample
+    from nit_lightning.generation.settings import SamplerSettings, SweepSetting
 
     out = paths.run(name) / "samples"
     before = sum(1 for _ in out.glob("*/done.json")) if out.is_dir() else 0
-    sample = SampleSettings(
-        ckpt=str(ckpt), out=str(out), sizes=[tuple(int(v) for v in s.split("x")) for s in settings.sizes],
-        num_samples=settings.num_samples, method=settings.method, steps=settings.sample_steps,
-        cfg_scale=settings.cfg_scale, cfg_interval=tuple(settings.cfg_interval), seed=settings.seed,
-        tokens_per_pack=settings.sample_tokens_per_pack, device="cpu", progress=False,
+    sampler = SamplerSettings(method=settings.method, steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
+                              cfg_interval=tuple(settings.cfg_interval))
+    sample = SampleRun(
+        ckpt=str(ckpt), out=str(out), settings=[SweepSetting(parse_size(s), sampler) for s in settings.sizes],
+        num_samples=settings.num_samples, seed=settings.seed, tokens_per_pack=settings.sample_tokens_per_pack,
+        device="cpu", progress=False,
     )
     npz = run_sample(sample)
     if before == len(settings.sizes):
@@ -58,7 +61,7 @@ def evaluate_run(settings: DemoSettings, paths: DemoPaths, name: str, samples: d
                  extractors: dict[str, Any], references: dict[str, dict[str, Path]],
                  info: dict[str, Any]) -> dict[str, Any]:
     """Step 5: FID / sFID / IS / precision / recall / class accuracy per size and extractor -> runs/<name>/metrics.json."""
-    from nit_lightning.evaluation.sweep import evaluate_samples
+    from nit_lightning.evaluation.evaluate import evaluate_samples
 
     path = paths.run(name) / "metrics.json"
     record = json.loads(path.read_text()) if path.is_file() else {}

@@ -54,15 +54,16 @@ def run_config(settings: DemoSettings, paths: DemoPaths, name: str, modes: list[
     _callback(config, "ThroughputMonitor")["window"] = max(1, min(10, settings.train_steps // 4))
     grid = _callback(config, "SampleGridCallback")
     grid.update(every_n_steps=settings.grid_every, sizes=list(settings.sizes), classes=list(settings.grid_classes),
-                steps=settings.sample_steps, cfg_scale=settings.cfg_scale, cfg_interval=list(settings.cfg_interval),
                 nrow=len(settings.grid_classes), save_dir=str(run / "grids"), at_train_end=True)
+    grid["sampler"].update(steps=settings.sample_steps, cfg_scale=settings.cfg_scale,
+                           cfg_interval=list(settings.cfg_interval))
     return config
 
 
 def train_run(settings: DemoSettings, paths: DemoPaths, name: str, modes: list[str],
               info: dict[str, Any]) -> Path:
     """Fit one run (resuming from its last.ckpt when interrupted); returns the final checkpoint."""
-    from nit_lightning.training.cli import run_cli
+    from nit_lightning.cli.lightning import run_cli
 
     run = paths.run(name)
     done = run / "train_done.json"

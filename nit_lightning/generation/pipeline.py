@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from nit_lightning.data.codecs import Codec, resolve_codec
+from nit_lightning.generation.settings import PRECISIONS
 from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput/MFU, gradient norm + non-finite guard, pack audit log; re-exports of the others."""
+"""Training callbacks: throughput/MFU, gradient norm + non-finite guard, pack audit log."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar  # noqa: F401 (re-export)
 
-from nit_lightning.training.ema import EMA  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +154,3 @@ class PackLog(Callback):
                   "tokens": batch.num_tokens}
         with open(self.dirpath / f"packs_rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy re-exports of callbacks that live in other files (sample grids, evaluation)."""
-    if name == "SampleGridCallback":
-        from nit_lightning.training.sample_grid import SampleGridCallback
-
-        return SampleGridCallback
-    if name == "EvaluationCallback":
-        from nit_lightning.evaluation.callback import EvaluationCallback
-
-        return EvaluationCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,34 +3,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nit_lightning.commands._common import run_command
+from nit_lightning import distributed
+from nit_lightning.cli.common import parser as make_parser
+from nit_lightning.cli.common import run_command
+from nit_lightning.evaluation.evaluate import evaluate_samples
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
-
-PROG = "python -m nit_lightning evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG,
-                                     description="ADM-suite metrics of samples (npz arr_0 or PNG folder) vs REF.npz")
-    parser.add_argument("--samples", required=True, help="ADM npz (arr_0 NHWC uint8) or a folder of PNGs")
-    parser.add_argument("--ref", required=True, help="reference batch npz (ADM format)")
-    parser.add_argument("--features", default="inception", help=SPEC_HELP)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="feature network compute dtype")
-    parser.add_argument("--pr_dtype", choices=("float32", "float64"), default="float32",
-                        help="precision/recall distance dtype")
-    parser.add_argument("--allow_size_mismatch", action="store_true",
-                        help="evaluate samples whose size differs from the reference's")
-    return parser
+    p = make_parser("evaluate", "ADM-suite metrics of samples (npz arr_0 or PNG folder) vs REF.npz")
+    p.add_argument("--samples", required=True, help="ADM npz (arr_0 NHWC uint8) or a folder of PNGs")
+    p.add_argument("--ref", required=True, help="reference batch npz (ADM format)")
+    p.add_argument("--features", default="inception", help=SPEC_HELP)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="feature network compute dtype")
+    p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32",
+                   help="precision/recall distance dtype")
+    p.add_argument("--allow-size-mismatch", action="store_true",
+                   help="evaluate samples whose size differs from the reference's")
+    return p
 
 
 def print_table(result: dict[str, Any], title: str = "evaluation") -> None:
@@ -53,16 +51,11 @@ def print_table(result: dict[str, Any], title: str = "evaluation") -> None:
         console.print(f"[bold red]WARNING: {result['warning']}[/]")
 
 
-def main(argv: list[str]) -> int:
-    return run_command(PROG, build_parser(), _run, argv)
-
-
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nit_lightning.evaluation.sweep import evaluate_samples
-
-    extractor = load_feature_extractor(args.features, device=args.device, batch_size=args.batch_size,
-                                       dtype=getattr(torch, args.dtype))
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
+                                       batch_size=args.batch_size, dtype=getattr(torch, args.dtype))
     result = evaluate_samples(args.samples, args.ref, extractor, batch_size=args.batch_size,
                               pr_dtype=getattr(torch, args.pr_dtype), allow_size_mismatch=args.allow_size_mismatch)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
@@ -71,3 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(build_parser(), _run, argv)

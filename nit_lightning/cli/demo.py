@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from nit_lightning.cli.common import parser as make_parser
+from nit_lightning.cli.common import run_command
 from nit_lightning.demo.settings import make_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m nit_lightning demo",
-        description="End-to-end CPU demo on a synthetic native-resolution set: synth -> prepare -> fit (EMA, "
+    parser = make_parser("demo",
+        "End-to-end CPU demo on a synthetic native-resolution set: synth -> prepare -> fit (EMA, "
                     "TensorBoard, sample grids) -> sample at seen/unseen sizes and aspect ratios -> metrics with a "
-                    "demo feature net (not Inception) -> OUT/report.md. Resumable: finished steps are reused.",
-    )
+                    "demo feature net (not Inception) -> OUT/report.md. Resumable: finished steps are reused.")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--ablation", action="store_true",
                         help="train and evaluate three data mixtures: native, mix (native + fixed), fixed only")
@@ -27,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(build_parser(), _run, argv)
+
+
+def _run(args) -> int:
     overrides = {"threads": args.threads}
     if args.steps is not None:
         overrides["train_steps"] = args.steps
@@ -38,10 +39,6 @@ def main(argv: list[str]) -> int:
         overrides["config"] = args.config
     from nit_lightning.demo.pipeline import run_demo
 
-    try:
-        settings = make_settings(args.out, ablation=args.ablation, quick=args.quick, **overrides)
-        run_demo(settings)
-    except (ValueError, FileNotFoundError) as error:
-        logging.getLogger("demo").error("%s", error)
-        return 2
+    settings = make_settings(args.out, ablation=args.ablation, quick=args.quick, **overrides)
+    run_demo(settings)
     return 0

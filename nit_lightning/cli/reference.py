@@ -3,46 +3,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 import numpy as np
-import torch
 
-from nit_lightning.commands._common import run_command
+from nit_lightning import distributed
+from nit_lightning.cli.common import parser as make_parser
+from nit_lightning.cli.common import run_command
 from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.reference import PROTOCOL, build_reference, load_reference, save_reference
 
-PROG = "python -m nit_lightning reference"
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG,
-                                     description="build or inspect ADM-format reference batches (npz)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help=f"statistics of an image folder at HxW ({PROTOCOL})")
+    p = make_parser("reference", "build or inspect ADM-format reference batches (npz)")
+    sub = p.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help=f"statistics of an image folder at HxW ({PROTOCOL})", allow_abbrev=False)
     build.add_argument("--images", required=True, help="image folder (recursive; sorted by relative path)")
     build.add_argument("--size", required=True, help="target HxW, e.g. 256x256 or 480x640")
     build.add_argument("--out", required=True, help="output npz, e.g. references/256x256.npz")
     build.add_argument("--features", default="inception", help=SPEC_HELP)
     build.add_argument("--subset", type=int, default=10000, help="images kept as arr_0 (for precision/recall)")
     build.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
-    build.add_argument("--batch_size", type=int, default=64)
+    build.add_argument("--batch-size", type=int, default=64)
     build.add_argument("--workers", type=int, default=2, help="image decoding threads")
-    build.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    build.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
     show = sub.add_parser("show", help="print what a reference npz holds")
     show.add_argument("path")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    return run_command(PROG, build_parser(), _run, argv)
+    return p
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "build":
-        extractor = load_feature_extractor(args.features, device=args.device, batch_size=args.batch_size)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
+                                           batch_size=args.batch_size)
         ref = build_reference(args.images, parse_size(args.size), extractor, subset=args.subset, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.workers)
         save_reference(args.out, ref)
@@ -56,3 +51,7 @@ def _run(args: argparse.Namespace) -> int:
                "arr_0_pool": None if ref.pool is None else list(ref.pool.shape)}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(build_parser(), _run, argv)

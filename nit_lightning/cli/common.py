@@ -1,0 +1,59 @@
+"""What every suite command shares: one flag style, parse, run, and user errors as one line with exit code 2.
+
+Flags are --kebab-case everywhere (`--num-samples`, `--ref-dir`); an old spelling (`--ref_dir`, `--num`) is refused with
+the new one named, never guessed (no prefix abbreviations either). Set NIT_TRACEBACK=1 to see the traceback of a user
+error. Lightning's own commands (fit/validate/test/predict) keep LightningCLI's dotted keys (`--trainer.max_steps`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+# Errors a user can fix from the message alone (a missing file, a bad value, a full disk): no traceback for these.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)
+# Flags renamed when the commands got one style; the underscore forms of every flag are caught without a list.
+RENAMED = {"--num": "--num-samples", "--settings": "--sizes"}
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser without prefix abbreviations (`--num` must not silently mean `--num-samples`)."""
+    return argparse.ArgumentParser(prog=f"python -m nit_lightning {prog}", description=description, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _old_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    known = {option for action in parser._actions for option in action.option_strings}
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        known |= {o for p in sub.choices.values() for action in p._actions for o in action.option_strings}
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag in known:
+            continue
+        new = RENAMED.get(flag) or flag.replace("_", "-")
+        if new in known:
+            return f"{flag} is now spelled {new} (suite commands use --kebab-case flags)"
+    return None
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
+                argv: list[str]) -> int:
+    """Parse argv (old spellings refused), run, and turn a user error into `<prog>: error: <message>`, exit 2."""
+    old = _old_spelling(parser, argv)
+    if old:
+        parser.error(old)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("NIT_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,72 @@
+"""`python -m nit_lightning prepare`: encode an image folder into latent WebDataset shards + index.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from nit_lightning.cli.common import parser as make_parser
+from nit_lightning.cli.common import run_command
+from nit_lightning.data.codecs import CODEC_SPEC_HELP
+from nit_lightning.data.imageops import MODES_HELP
+from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
+from nit_lightning.data.shards import ShardFormatError
+
+log = logging.getLogger("prepare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("prepare", "Images (class sub-folders, or a flat folder + --labels) -> latent shards. Resumable; "
+                               "parallel over shards with --num-workers and over ranks under torchrun/srun.")
+    p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels")
+    p.add_argument("--output", required=True, help="shard directory (shards, sidecars, index.json, classes.json)")
+    p.add_argument("--mode", default="native", help=MODES_HELP)
+    p.add_argument("--codec", default="pixel:8", help=CODEC_SPEC_HELP)
+    p.add_argument("--codec-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype of the DC-AE encoder")
+    p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class")
+    p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored image")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--num-workers", type=int, default=0, help="processes over shards (0 or 1: this process)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="storage dtype of latents")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun/srun) or cuda:N")
+    p.add_argument("--batch-size", type=int, default=16, help="images per codec call (equal sizes batch)")
+    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-%%06d.tar")
+    p.add_argument("--max-area", type=int, default=None, help="native area cap in pixels (default (64·factor)²)")
+    p.add_argument("--reindex", action="store_true", help="only rebuild index.json from finished shards")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.reindex:
+        try:
+            index = reindex(args.output)
+        except ShardFormatError as error:
+            raise ValueError(str(error)) from error
+        log.info("index.json: %d samples in %d shards, counts %s", index["num_samples"], index["num_shards"],
+                 json.dumps(index["counts"]))
+        return 0
+    if not args.input:
+        raise ValueError("--input is required (unless --reindex)")
+    settings = PrepareSettings(
+        input=args.input, output=args.output, mode=args.mode, codec=args.codec, codec_dtype=args.codec_dtype,
+        labels=args.labels, flip=args.flip, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
+        dtype=args.dtype, device=args.device, prefix=args.prefix, batch_size=args.batch_size, max_area=args.max_area,
+    )
+    start = time.perf_counter()
+    result = run_prepare(settings)
+    log.info("rank %d/%d: encoded %d shards, %d already complete, %d failed in %.1f s", result["rank"],
+             result["world"], result["encoded"], result["already_complete"], len(result["failed"]),
+             time.perf_counter() - start)
+    if result["index"] is not None:
+        log.info("index.json: %d samples in %d shards, counts %s", result["index"]["num_samples"],
+                 result["index"]["num_shards"], json.dumps(result["index"]["counts"]))
+    if result["failed"]:
+        log.error("%d shards failed (rerun to retry them): %s", len(result["failed"]), result["failed"])
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(build_parser(), _run, argv)

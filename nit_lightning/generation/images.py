@@ -1,0 +1,91 @@
+"""The one way from a pipeline to images: requests -> token-budget packs -> sampler -> decoded uint8 images.
+
+Every caller goes through `generate`: the `sample` command and the sweeps (via sample_set.py), the sample-grid and
+evaluation callbacks during training, and the demo. A request carries its own seed, so an image does not depend on
+which pack, rank or batch size made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from nit_lightning.data.sizes import format_size, validate_size
+from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
+from nit_lightning.generation.pipeline import Pipeline
+from nit_lightning.generation.settings import SamplerSettings
+
+
+class NonFiniteSamples(ValueError):
+    """Sampling produced NaN or Inf for some images (they would become black PNGs); the message names them."""
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to make: its index in the set (names its file), its pixel size (H, W), class label and seed."""
+
+    index: int
+    size: tuple[int, int]
+    label: int
+    seed: int
+
+
+@dataclass
+class ImageBatch:
+    """The images of one pack, in the pack's order: requests[i] made images[i], uint8 (3, H, W) on the CPU."""
+
+    requests: list[ImageRequest]
+    images: list[torch.Tensor]
+
+
+def class_balanced(indices: Iterable[int], size: tuple[int, int], num_classes: int, seed: int) -> list[ImageRequest]:
+    """Image i has label i mod num_classes and seed derive_seed(seed, i): the same set on 1 or 64 GPUs."""
+    return [ImageRequest(int(i), size, int(i) % num_classes, derive_seed(seed, int(i))) for i in indices]
+
+
+def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: SamplerSettings, *,
+             tokens_per_pack: int = 16384, device: torch.device | str | None = None) -> Iterator[ImageBatch]:
+    """Sample every request in packs of at most `tokens_per_pack` model tokens (CFG's null branch counts twice).
+
+    Sizes must be multiples of the pipeline's codec factor × patch size; a non-finite image raises NonFiniteSamples.
+    """
+    indices = [r.index for r in requests]
+    if len(set(indices)) != len(indices):
+        raise ValueError("image requests must have distinct indices (they name the outputs and derive the seeds)")
+    m = pipeline.size_multiple
+    by_index = {r.index: r for r in requests}
+    grids = [SampleRequest(r.index, _grid(r.size, m), r.label, r.seed) for r in requests]
+    packs = plan_sample_packs(grids, tokens_per_pack, cfg=sampler.guided)
+    device = device if device is not None else next(pipeline.net.parameters()).device
+    for pack in packs:
+        x_ND = sample_pack(pipeline.model_fn(sampler.precision), pack, pipeline.token_dim, device=device,
+                           method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
+                           cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
+                           dtype=sampler.integration_dtype)
+        _check_finite(x_ND, pack, sampler)
+        hw = torch.tensor([list(r.hw) for r in pack])
+        yield ImageBatch([by_index[r.index] for r in pack], pipeline.decode(x_ND, hw))
+
+
+def _grid(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    h, w = validate_size(size, multiple)
+    return h // multiple, w // multiple
+
+
+def _check_finite(x_ND: torch.Tensor, pack: Sequence[SampleRequest], sampler: SamplerSettings) -> None:
+    """One reduction per pack (a single host read); on failure, find which images went bad."""
+    if bool(torch.isfinite(x_ND).all()):
+        return
+    rows = torch.isfinite(x_ND).all(dim=1).cpu()
+    bad, start = [], 0
+    for r in pack:
+        if not bool(rows[start:start + r.tokens].all()):
+            bad.append(r.index)
+        start += r.tokens
+    size = format_size((pack[0].hw[0], pack[0].hw[1]))
+    raise NonFiniteSamples(
+        f"{len(bad)} of {len(pack)} images of this pack came out NaN/Inf (indices {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+        f", token grid {size}) with {sampler.describe()}, precision {sampler.precision}: check the checkpoint's weights, "
+        "lower the cfg scale or use precision fp32"
+    )

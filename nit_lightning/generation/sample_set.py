@@ -1,0 +1,208 @@
+"""Sample sets on disk: class-balanced images per size -> PNGs + one ADM npz, resumable, rank-sliced, with provenance.
+
+Layout of one size: DIR/<HxW>/<index:06d>.png, DIR/<HxW>/samples_<N>x<H>x<W>x3.npz (arr_0 uint8 NHWC, arr_1 labels),
+DIR/<HxW>/provenance.json (which weights, sampler and seed made them: a resume with anything else is refused, naming
+the difference) and DIR/<HxW>/done.json (written last). Image i has label i mod num_classes and seed
+derive_seed(seed, i); rank r of W makes images r, r + W, ...: the set is the same on any number of GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nit_lightning import distributed
+from nit_lightning.data.sizes import format_size, validate_size
+from nit_lightning.generation.images import class_balanced, generate
+from nit_lightning.generation.pipeline import Pipeline, load_pipeline
+from nit_lightning.generation.settings import SweepSetting
+
+log = logging.getLogger(__name__)
+UINT8_RULE = "clamp(round((x+1)*127.5),0,255), round half to even"
+
+
+@dataclass
+class SampleRun:
+    """Everything `run_sample` needs: a checkpoint, where to write, and one SweepSetting per size."""
+
+    ckpt: str
+    out: str
+    settings: list[SweepSetting] = field(default_factory=list)
+    num_samples: int = 50_000  # per size, exactly
+    seed: int = 0
+    tokens_per_pack: int = 16384  # model tokens per forward; CFG's null branch counts twice
+    codec: str | None = None  # "dcae:PATH" / "pixel:F" / "tinyae:PATH"; default: the checkpoint's codec
+    rope_layout: str | None = None
+    device: str = "auto"  # auto = cuda:LOCAL_RANK when available, else cpu
+    save_png: bool = True  # False: PNGs are only the resumable store, removed once the npz is complete
+    use_ema: bool = True
+    round: str | None = None  # None: a size that is not a multiple is an error; "nearest" / "floor": round and log
+    progress: bool = True
+
+
+def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Path]:
+    """Load the pipeline once (unless given) and write every size's set; returns {"HxW": npz path}."""
+    if run.num_samples < 1 or run.tokens_per_pack < 1:
+        raise ValueError(f"num_samples ({run.num_samples}) and tokens_per_pack ({run.tokens_per_pack}) must be >= 1")
+    if not run.settings:
+        raise ValueError("no sizes to sample: give at least one setting")
+    ranks = distributed.from_environment()
+    device = distributed.device_for(run.device, ranks.local_rank)
+    with distributed.process_group(ranks, device):
+        pipe = pipeline or load_pipeline(run.ckpt, use_ema=run.use_ema, rope_layout=run.rope_layout, device=device,
+                                         codec=run.codec)
+        out: dict[str, Path] = {}
+        for setting in run.settings:
+            setting = dataclasses.replace(setting, size=validate_size(setting.size, pipe.size_multiple, round=run.round))
+            out[setting.name] = write_sample_set(pipe, setting, Path(run.out) / setting.name, num=run.num_samples,
+                                                 seed=run.seed, tokens_per_pack=run.tokens_per_pack, ranks=ranks,
+                                                 save_png=run.save_png, progress=run.progress, source=run.ckpt)
+        return out
+
+
+def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *, num: int, seed: int = 0,
+                     tokens_per_pack: int = 16384, ranks: distributed.Ranks = distributed.Ranks(),
+                     save_png: bool = True, progress: bool = False, source: str | None = None) -> Path:
+    """Make this rank's missing images of one setting; rank 0 then writes the npz. Returns the npz path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = setting.size
+    npz = folder / f"samples_{num}x{h}x{w}x3.npz"
+    check_provenance(folder, provenance(pipeline, setting, seed, source), ranks.is_main)
+    done = folder / "done.json"
+    finished = npz.exists() and done.exists() and json.loads(done.read_text()).get("num_samples") == num
+    # Kept PNGs are the truth: a deleted PNG is regenerated and the npz rebuilt; with --no-png the npz is the record.
+    if finished and (not save_png or all(png_path(folder, i).exists() for i in range(num))):
+        log.info("%s: complete (%s), nothing to do", folder, npz.name)
+        return npz
+    if done.exists() and ranks.is_main:
+        done.unlink()
+    mine = range(ranks.rank, num, ranks.world)  # strided: every rank gets the same mix of classes
+    todo = [i for i in mine if not png_path(folder, i).exists()]
+    num_classes = int(pipeline.net.config.num_classes)
+    requests = class_balanced(todo, setting.size, num_classes, seed)
+    log.info("%s: rank %d/%d makes %d images with %s (%d kept from before)", folder.name, ranks.rank, ranks.world,
+             len(todo), setting.sampler.describe(), len(mine) - len(todo))
+    start = time.perf_counter()
+    # PNG encoding runs in threads (zlib releases the GIL) while the next pack samples; at most 2 packs in flight.
+    with _progress(progress and ranks.is_main) as bar, ThreadPoolExecutor(max_workers=4) as pool:
+        task = bar.add_task(f"{setting.name} {setting.sampler.describe()}", total=len(todo))
+        pending: list[Future] = []
+        for batch in generate(pipeline, requests, setting.sampler, tokens_per_pack=tokens_per_pack):
+            for future in pending:
+                future.result()  # re-raises a failed write
+            pending = [pool.submit(write_png, image, png_path(folder, r.index))
+                       for r, image in zip(batch.requests, batch.images)]
+            bar.advance(task, len(batch.requests))
+        for future in pending:
+            future.result()
+    if todo:
+        seconds = time.perf_counter() - start
+        log.info("%s: rank %d made %d images in %.1f s = %.2f images/s", setting.name, ranks.rank, len(todo), seconds,
+                 len(todo) / seconds)
+    distributed.barrier()
+    if ranks.is_main:
+        missing = [i for i in range(num) if not png_path(folder, i).exists()]
+        if missing:
+            raise RuntimeError(f"{folder}: {len(missing)} of {num} PNGs missing after sampling (first: {missing[:5]})")
+        write_adm_npz(npz, folder, num, setting.size, np.arange(num) % num_classes)
+        done.write_text(json.dumps({"num_samples": num, "npz": npz.name}))
+        if not save_png:
+            for i in range(num):
+                png_path(folder, i).unlink()
+        log.info("%s: wrote %s", folder, npz)
+    distributed.barrier()
+    return npz
+
+
+# ---- provenance --------------------------------------------------------------------------------------------------
+INFORMATIONAL = ("source", "weights")  # recorded, but a moved or renamed checkpoint with the same weights may resume
+
+
+def provenance(pipeline: Pipeline, setting: SweepSetting, seed: int, source: str | None) -> dict[str, Any]:
+    """What decides every pixel of the set, plus where the weights were read from."""
+    return {"weights_sha256": pipeline.meta.get("weights_sha256"), "sampler": setting.sampler.as_dict(), "seed": seed,
+            "size": setting.name, "codec": pipeline.codec.describe(),
+            "num_classes": int(pipeline.net.config.num_classes), "label_rule": "i mod num_classes",
+            "uint8_rule": UINT8_RULE, "source": str(Path(source).resolve()) if source else None,
+            "weights": pipeline.meta.get("weights")}
+
+
+def check_provenance(folder: Path, record: dict[str, Any], is_main: bool) -> None:
+    """Refuse to add images to a folder that another model or other settings started; rank 0 writes the record."""
+    path = folder / "provenance.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in record.items() if k not in INFORMATIONAL and old.get(k) != v}
+        if diff:
+            raise ValueError(f"{folder} holds samples made by another model or with other settings: {diff} (before, "
+                             f"now); use another --out or delete {folder}")
+    elif is_main:
+        _write_atomic(path, json.dumps(record, indent=1).encode())
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+def png_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+def _tmp(path: Path) -> Path:
+    """A temporary name of this process: two runs writing into one folder never share a temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = _tmp(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_png(image_3HW: torch.Tensor, path: Path) -> None:
+    """Atomic write (temporary file, then rename): a PNG that exists is complete, so resuming can trust it."""
+    from PIL import Image
+
+    tmp = _tmp(path)
+    Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_png(path: Path, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"))
+    if array.shape != (size[0], size[1], 3):
+        raise ValueError(f"{path} is {array.shape[0]}x{array.shape[1]}, expected {format_size(size)}; delete it to "
+                         "regenerate")
+    return array
+
+
+def write_adm_npz(path: Path, folder: Path, n: int, size: tuple[int, int], labels: np.ndarray) -> Path:
+    """ADM npz (arr_0 uint8 (n, H, W, 3), arr_1 int64 labels) streamed from PNGs: memory of one image, not n."""
+    h, w = size
+    tmp = _tmp(path)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
+            for i in range(n):
+                f.write(np.ascontiguousarray(read_png(png_path(folder, i), size)).tobytes())
+        with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled)

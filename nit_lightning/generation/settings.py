@@ -1,0 +1,184 @@
+"""One schema for how to sample: `SamplerSettings` (solver, guidance, numerics) and sweep files of per-size settings.
+
+A sweep file (experiments/sweeps/*.yaml) is a mapping
+    name: resolution                       # optional
+    published_model: NiT-XL, 1000K steps   # optional, printed above results tables
+    defaults: {method: euler, steps: 50}   # optional, sampler keys that every setting inherits
+    settings:
+      - {size: 256x256, method: sde, steps: 250, cfg_scale: 2.25, cfg_interval: [0.0, 0.7],
+         published: {fid: 2.16, ...}, paper: {...}}
+or just the list under `settings:`. Keys of a setting: `size` (HxW pixels), the sampler keys of `SamplerSettings`
+(aliases: cfg = cfg_scale, interval = cfg_interval), `published` (metrics to print beside ours) and `paper` (notes).
+Anything else is an error: a misspelt key must not silently fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from nit_lightning.data.sizes import format_size, parse_size
+from nit_lightning.diffusion.sampling import METHODS
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model compute (autocast)
+INTEGRATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}  # the sampler's state
+KEY_ALIASES = {"cfg": "cfg_scale", "interval": "cfg_interval"}
+NOTE_KEYS = ("published", "paper")
+
+
+def parse_interval(value: str | Iterable[float]) -> tuple[float, float]:
+    """"0,0.7" / [0, 0.7] -> (0.0, 0.7), checked 0 <= lo <= hi <= 1."""
+    parts = [p for p in value.replace("[", "").replace("]", "").split(",") if p.strip()] if isinstance(value, str) \
+        else list(value)
+    if len(parts) != 2:
+        raise ValueError(f"guidance interval {value!r} must be two numbers lo,hi (e.g. 0,0.7)")
+    lo, hi = float(parts[0]), float(parts[1])
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance interval [{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to integrate from noise to an image: solver and steps, CFG scale and interval, compute precision."""
+
+    method: str = "euler"  # euler | heun | sde (SPEC §7)
+    steps: int = 50  # NFE: euler / sde = steps, heun = 2·steps − 1 (×2 inside the guidance interval)
+    cfg_scale: float = 1.0  # 1 = no guidance
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi
+    precision: str = "fp32"  # model compute: fp32 | bf16 | fp16 (autocast)
+    dtype: str = "float64"  # integration dtype of the sampler state
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {METHODS}")
+        steps = int(self.steps)
+        if steps != self.steps or steps < (2 if self.method == "sde" else 1):
+            raise ValueError(f"steps={self.steps} must be an integer >= {2 if self.method == 'sde' else 1} for "
+                             f"{self.method}")
+        if not math.isfinite(float(self.cfg_scale)):
+            raise ValueError(f"cfg scale {self.cfg_scale} is not a finite number")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.dtype not in INTEGRATION_DTYPES:
+            raise ValueError(f"integration dtype {self.dtype!r} is not one of {list(INTEGRATION_DTYPES)}")
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
+        object.__setattr__(self, "cfg_interval", parse_interval(self.cfg_interval))
+
+    @property
+    def integration_dtype(self) -> torch.dtype:
+        return INTEGRATION_DTYPES[self.dtype]
+
+    @property
+    def guided(self) -> bool:
+        """Whether the null branch runs (somewhere in the interval): packs must hold the doubled sequence."""
+        return self.cfg_scale != 1.0
+
+    def describe(self) -> str:
+        """"sde 250, cfg 2.25 in [0, 0.7]" for logs and tables."""
+        guidance = f"cfg {self.cfg_scale:g} in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]" if self.guided \
+            else "no cfg"
+        return f"{self.method} {self.steps}, {guidance}"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["cfg_interval"] = list(self.cfg_interval)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "sampler settings") -> "SamplerSettings":
+        """Keys of this class (or their aliases) only; an unknown key is an error naming it."""
+        keys = {KEY_ALIASES.get(k, k): v for k, v in values.items()}
+        unknown = sorted(set(keys) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; sampler keys are "
+                             f"{[f.name for f in dataclasses.fields(cls)]} (aliases {KEY_ALIASES})")
+        return cls(**keys)
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    """One size and how to sample it, with published numbers to print beside ours."""
+
+    size: tuple[int, int]
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    notes: dict[str, Any] = field(default_factory=dict)  # `published` metrics, `paper` remarks
+
+    @property
+    def name(self) -> str:
+        return format_size(self.size)
+
+    @property
+    def published(self) -> dict[str, float]:
+        return dict(self.notes.get("published") or {})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size": self.name, **self.sampler.as_dict(), **self.notes}
+
+
+def setting_from_dict(entry: dict[str, Any], defaults: dict[str, Any] | None = None, *,
+                      where: str = "sweep setting") -> SweepSetting:
+    """{size, sampler keys..., published?, paper?} (sampler keys missing from the entry come from `defaults`)."""
+    if not isinstance(entry, dict) or "size" not in entry:
+        raise ValueError(f"{where}: {entry!r} is not a mapping with a 'size' (e.g. {{size: 320x960, steps: 50}})")
+    size = parse_size(entry["size"])
+    notes = {k: entry[k] for k in NOTE_KEYS if k in entry}
+    sampler = {**(defaults or {}), **{k: v for k, v in entry.items() if k != "size" and k not in NOTE_KEYS}}
+    return SweepSetting(size, SamplerSettings.from_dict(sampler, where=f"{where} {format_size(size)}"), notes)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named list of settings, one per size (sizes are unique: each has its own output folder)."""
+
+    settings: tuple[SweepSetting, ...]
+    name: str | None = None
+    published_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.settings:
+            raise ValueError("a sweep needs at least one setting")
+        names = [s.name for s in self.settings]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sizes {dupes} are listed more than once (each size has one output folder)")
+
+    def select(self, sizes: Iterable[str | tuple[int, int]] | None) -> "Sweep":
+        """The settings of these sizes only (all when None); an unknown size is an error listing the known ones."""
+        if sizes is None:
+            return self
+        wanted = [format_size(parse_size(s)) for s in sizes]
+        known = {s.name: s for s in self.settings}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise ValueError(f"sizes {unknown} are not in the sweep (it has {sorted(known)})")
+        return dataclasses.replace(self, settings=tuple(known[w] for w in dict.fromkeys(wanted)))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep file (YAML or JSON) in the schema of this module's docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {str(path)!r} does not exist (see experiments/sweeps/)")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+    if isinstance(data, list):
+        data = {"settings": data}
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), list) or not data["settings"]:
+        raise ValueError(f"sweep file {str(path)!r} needs a non-empty 'settings' list")
+    unknown = sorted(set(data) - {"name", "published_model", "defaults", "settings"})
+    if unknown:
+        raise ValueError(f"sweep file {str(path)!r}: unknown top-level key(s) {unknown}")
+    defaults = data.get("defaults") or {}
+    settings = tuple(setting_from_dict(entry, defaults, where=f"sweep file {path.name}") for entry in data["settings"])
+    return Sweep(settings, name=data.get("name"), published_model=data.get("published_model"))
