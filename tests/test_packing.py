@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from nit_lightning.data.lengths import FIXED_256_TOKENS, FIXED_512_TOKENS, native_tokens, recipe_lengths
-from nit_lightning.data.packing import StreamingPacker, lpfhp, lpfhp_flat, pack_histogram, packing_efficiency
+from nit_lightning.data.packing import StreamingPacker, lpfhp_flat, pack_histogram, packing_efficiency
+
+from helpers.packs import as_lists, lpfhp
 
 
 def check_packs(packs: list[list[int]], lengths, max_tokens: int, max_per_pack: int | None = None) -> None:
@@ -150,7 +152,7 @@ def test_streaming_within_one_point_of_offline(max_tokens):
     lengths = recipe_lengths(100_000, seed=1)
     offline = packing_efficiency(lengths, len(lpfhp_flat(lengths, max_tokens, seed=0)[1]) - 1, max_tokens)
     packer = StreamingPacker(max_tokens, buffer_size=8192, seed=0)
-    packs = list(packer.pack(zip(range(lengths.size), lengths.tolist())))
+    packs = as_lists(*packer.pack_indices(lengths))
     check_packs(packs, lengths, max_tokens)
     assert packer.stats.samples == lengths.size and packer.stats.packs == len(packs)
     assert packer.stats.efficiency == pytest.approx(packing_efficiency(lengths, packs, max_tokens))
@@ -161,22 +163,14 @@ def test_streaming_flushes_everything_small_buffer():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 100, size=1000)
     packer = StreamingPacker(128, buffer_size=37, max_per_pack=5, seed=0)
-    items = [f"k{i}" for i in range(lengths.size)]
-    packs = list(packer.pack(zip(items, lengths.tolist())))
-    assert sorted(k for pack in packs for k in pack) == sorted(items)
-    assert all(sum(lengths[int(k[1:])] for k in pack) <= 128 and len(pack) <= 5 for pack in packs)
-
-
-def test_streaming_arrays_equal_items():
-    lengths = recipe_lengths(20_000, seed=4)
-    packs = list(StreamingPacker(16384, buffer_size=3000, seed=5).pack(zip(range(lengths.size), lengths.tolist())))
-    indices, offsets = StreamingPacker(16384, buffer_size=3000, seed=5).pack_indices(lengths)
-    assert [indices[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == packs
+    packs = as_lists(*packer.pack_indices(lengths))
+    assert sorted(i for pack in packs for i in pack) == list(range(lengths.size))
+    assert all(sum(lengths[i] for i in pack) <= 128 and len(pack) <= 5 for pack in packs)
 
 
 def test_streaming_rejects_bad_length():
     with pytest.raises(ValueError, match="sample 1 has length 300"):
-        list(StreamingPacker(256, buffer_size=2).pack([("a", 3), ("b", 300)]))
+        StreamingPacker(256, buffer_size=2).pack_indices([3, 300])
 
 
 @pytest.mark.slow

@@ -156,22 +156,6 @@ def test_slurm_node_count_mismatch_is_an_error(slurm_env):
 
 
 # ---- FSDP strategies -------------------------------------------------------------------------------------------
-def test_fsdp1_strategy_settings():
-    from torch.distributed.fsdp import ShardingStrategy
-
-    from nit_lightning.models.nit import NiTBlock
-    from nit_lightning.training.strategies import NiTFSDPStrategy
-
-    strategy = NiTFSDPStrategy(sharding_strategy="HYBRID_SHARD")
-    assert strategy.block_class is NiTBlock
-    assert strategy.mixed_precision.param_dtype == torch.bfloat16
-    assert strategy.mixed_precision.reduce_dtype == torch.float32
-    assert strategy.sharding_strategy == ShardingStrategy.HYBRID_SHARD
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {NiTBlock}
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {NiTBlock}
-    assert NiTFSDPStrategy(activation_checkpointing=False, mixed_precision=None).mixed_precision is None
-
-
 def test_strategy_bad_arguments():
     from nit_lightning.training.strategies import NiTFSDP2Strategy, resolve_dtype
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -123,14 +123,6 @@ def lpfhp_flat(
     return indices, offsets
 
 
-def lpfhp(lengths: Any, max_tokens: int, max_per_pack: int | None = None, seed: SeedLike = None) -> list[list[int]]:
-    """Pack sample `lengths` into packs of ≤ max_tokens tokens (and ≤ max_per_pack samples); lists of indices."""
-    indices, offsets = lpfhp_flat(lengths, max_tokens, max_per_pack, seed)
-    flat = indices.tolist()
-    bounds = offsets.tolist()
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def packing_efficiency(lengths: Any, packs: Sequence[Sequence[int]] | int, max_tokens: int) -> float:
     """Real tokens / (packs × max_tokens); `packs` is the pack list or the pack count."""
     num_packs = packs if isinstance(packs, int) else len(packs)
@@ -154,7 +146,7 @@ class PackerStats:
 
 
 class StreamingPacker:
-    """Packs an endless (item, length) stream: LPFHP over a buffer, emit the fullest packs, carry the rest over."""
+    """Packs a stream of lengths: LPFHP over a buffer, emit the fullest packs, carry the rest over to the next buffer."""
 
     def __init__(
         self,
@@ -175,23 +167,8 @@ class StreamingPacker:
         self.carry_below, self.max_carry_fraction = carry_below, max_carry_fraction
         self.stats = PackerStats()
 
-    def pack(self, stream: Iterable[tuple[Any, int]]) -> Iterator[list[Any]]:
-        """Yield packs (lists of items); every item comes out exactly once, the buffer flushed at the end."""
-        items: list[Any] = []
-        lengths: list[int] = []
-        for item, length in stream:
-            items.append(item)
-            lengths.append(int(length))
-            if len(items) >= self.buffer_size:
-                indices, offsets, carry = self._round(np.asarray(lengths), final=False)
-                yield from ([items[i] for i in indices[a:b].tolist()] for a, b in zip(offsets[:-1], offsets[1:]))
-                items, lengths = [items[i] for i in carry.tolist()], [lengths[i] for i in carry.tolist()]
-        if items:  # flush: one final round emits everything
-            indices, offsets, _ = self._round(np.asarray(lengths), final=True)
-            yield from ([items[i] for i in indices[a:b].tolist()] for a, b in zip(offsets[:-1], offsets[1:]))
-
     def pack_indices(self, lengths: Any) -> tuple[np.ndarray, np.ndarray]:
-        """The same stream over positions 0..N-1 of `lengths`, vectorised: (indices, offsets) in emission order."""
+        """Stream positions 0..N-1 of `lengths` through the buffer: (indices, offsets) of the packs in emission order."""
         lengths_N = check_lengths(lengths, self.max_tokens, self.max_per_pack)
         chunks, sizes = [], []
         carried, position = np.zeros(0, dtype=np.int64), 0
@@ -201,7 +178,7 @@ class StreamingPacker:
             position += take
             if buffer.size == 0:
                 break
-            final = buffer.size < self.buffer_size  # the same rounds as `pack`: full buffers, then one flush
+            final = buffer.size < self.buffer_size  # full buffers, then one flush
             indices, offsets, carry = self._round(lengths_N[buffer], final)
             chunks.append(buffer[indices])
             sizes.append(np.diff(offsets))

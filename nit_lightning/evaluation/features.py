@@ -1,4 +1,4 @@
-"""Feature extractors behind one protocol: FID Inception, the demo feature net, a random Inception for tests."""
+"""Feature extractors behind one protocol: the FID Inception and the demo feature net."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SPEC_HELP = '"inception" | "inception:PATH.pth" | "featurenet:PATH.pt" | "random-inception" (tests only)'
+SPEC_HELP = '"inception" (NIT_INCEPTION_WEIGHTS) | "inception:PATH.pth" | "featurenet:PATH.pt" (the demo\'s stand-in)'
 
 
 @runtime_checkable
@@ -52,11 +52,6 @@ def load_feature_extractor(spec: str = "inception", *, device: str | torch.devic
     if kind == "inception":
         net = inception.load_inception(path or None, compute_dtype=dtype, device=device)
         return BatchedExtractor(net, inception.INCEPTION_NAME, batch_size)
-    if kind == "random-inception":
-        seed = int(path) if path else 0
-        net = inception.random_inception(seed, compute_dtype=dtype, device=device)
-        log.warning("using a RANDOMLY INITIALISED Inception (%s): for tests only, its numbers mean nothing", net.name)
-        return BatchedExtractor(net, net.name, batch_size)
     if kind == "featurenet":
         if not path:
             raise ValueError(f"feature spec {spec!r} needs a file: featurenet:PATH.pt")

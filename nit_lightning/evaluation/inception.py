@@ -272,15 +272,3 @@ def load_inception(weights_path: str | os.PathLike | None = None, *, compute_dty
     load_state_dict_strict(model, state_dict)
     model.compute_dtype = compute_dtype
     return model.to(device=device, dtype=compute_dtype).eval()
-
-
-def random_inception(seed: int = 0, *, compute_dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu") -> FIDInceptionV3:
-    """A randomly initialised FID Inception (tests only: its numbers mean nothing)."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = FIDInceptionV3(compute_dtype=torch.float32)
-    torch.random.set_rng_state(generator_state)
-    model.name = f"random-inception(seed={seed}) [TEST ONLY, not Inception weights]"
-    model.compute_dtype = compute_dtype
-    return model.to(device=device, dtype=compute_dtype).eval()

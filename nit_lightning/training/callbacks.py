@@ -102,9 +102,7 @@ class ThroughputMonitor(Callback):
             "perf/tokens_seen": float(self.tokens_seen),
             "perf/images_seen": float(self.images_seen),
         }
-        efficiency = getattr(trainer.datamodule, "packing_efficiency", None) if trainer.datamodule is not None else None
-        if callable(efficiency):
-            efficiency = efficiency()
+        efficiency = getattr(trainer.datamodule, "packing_efficiency", None)  # a property of NativeLatentDataModule
         if efficiency is not None:
             metrics["perf/packing_efficiency"] = float(efficiency)
         if self.peak_flops:

@@ -1,19 +1,11 @@
-"""REPA frozen encoders: the protocol the training step calls, and one implementation loading a local torch module."""
+"""REPA frozen encoder: a local torch module giving one feature row per latent token, called by the training step."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-
-class RepaEncoder(Protocol):
-    """Frozen vision encoder giving one feature row per latent token: (x_ND packed latents, hw) -> z (N, z_dim)."""
-
-    z_dim: int
-
-    def __call__(self, x_ND: torch.Tensor, hw: torch.Tensor) -> torch.Tensor: ...
 
 
 class LocalTorchEncoder:

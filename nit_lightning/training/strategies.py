@@ -1,11 +1,8 @@
-"""Sharded training for the large presets (XL/XXL): FSDP per NiT block, selectable from YAML, and an EMA kept per shard.
+"""Sharded training for the large presets (XL/XXL): FSDP2 per NiT block, selectable from YAML, and an EMA per shard.
 
 YAML (`trainer.strategy`):
-  class_path: nit_lightning.training.strategies.NiTFSDP2Strategy     # FSDP2 `fully_shard` per block (recommended)
+  class_path: nit_lightning.training.strategies.NiTFSDP2Strategy     # FSDP2 `fully_shard` per block
   init_args: {param_dtype: bf16, reshard_after_forward: true}
-or
-  class_path: nit_lightning.training.strategies.NiTFSDPStrategy      # Lightning's FSDPStrategy (FSDP1), auto-wrap
-  init_args: {sharding_strategy: FULL_SHARD, mixed_precision: bf16, activation_checkpointing: true}
 Use `ShardedEMA` in place of `EMA` with NiTFSDP2Strategy: it keeps the EMA as DTensor shards like the parameters and
 gathers full tensors only when a checkpoint is written.
 """
@@ -17,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from nit_lightning.training.ema import EMA, unwrap_net
 
@@ -47,46 +44,6 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[name]
-
-
-class NiTFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy with one FSDP unit per NiT block, bf16 compute / fp32 reduce, checkpointing per block.
-
-    Keep `model.activation_checkpointing: false` with `activation_checkpointing: true` here (one of the two, not both).
-    EMA: FSDP1 flattens parameters, so the shard-wise ShardedEMA does not apply; use NiTFSDP2Strategy for EMA runs.
-    """
-
-    def __init__(
-        self,
-        block_class: str = DEFAULT_BLOCK,
-        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD",
-        mixed_precision: Literal["bf16", "fp16", "fp32"] | None = "bf16",
-        reduce_dtype: Literal["bf16", "fp32"] = "fp32",
-        activation_checkpointing: bool = True,
-        state_dict_type: Literal["full", "sharded"] = "full",
-        limit_all_gathers: bool = True,
-        use_orig_params: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        from torch.distributed.fsdp import MixedPrecision
-
-        block = resolve_class(block_class)
-        precision = None
-        if mixed_precision is not None:
-            # Gradients reduce in fp32: a bf16 sum over 64 ranks keeps only 8 bits of mantissa.
-            precision = MixedPrecision(param_dtype=resolve_dtype(mixed_precision),
-                                       reduce_dtype=resolve_dtype(reduce_dtype), buffer_dtype=torch.float32)
-        super().__init__(
-            auto_wrap_policy={block},
-            activation_checkpointing_policy={block} if activation_checkpointing else None,
-            mixed_precision=precision,
-            sharding_strategy=sharding_strategy,
-            state_dict_type=state_dict_type,
-            limit_all_gathers=limit_all_gathers,
-            use_orig_params=use_orig_params,
-            **kwargs,
-        )
-        self.block_class = block
 
 
 def _find_net(pl_module: torch.nn.Module) -> torch.nn.Module:
