@@ -166,8 +166,3 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
-
-
-def tensor_to_uint8(x_3HW: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, rounding to nearest: round((x + 1) · 127.5), clipped to 0..255."""
-    return torch.clamp(torch.round((x_3HW.float() + 1.0) * 127.5), 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
