@@ -1,5 +1,6 @@
-"""ADM-faithful evaluation in PyTorch: FID Inception-v3, FID / sFID / IS / precision / recall, reference batches, sweeps.
+"""Measuring images, ADM-faithful in PyTorch: FID / sFID / IS / precision / recall against reference batches.
 
-Modules: inception (the TF 2015-12-05 network), features (extractor specs), featurenet (CPU demo stand-in, NOT
-Inception), metrics, reference (ADM npz), sweep (evaluate + resolution / aspect-ratio sweeps), callback (training).
+inception.py (the TF 2015-12-05 FID network), features.py (feature-extractor specs), featurenet.py (the CPU demo's
+stand-in classifiers, NOT Inception), metrics.py, reference.py (ADM npz read / build), evaluate.py (a sample set or
+freshly generated images vs a reference), sweep.py (resolution / aspect-ratio sweeps: sample, evaluate, tabulate).
 """
