@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("nit_lightning.cli.evaluate", "FID / sFID / IS / precision / recall of a sample set"),
     "sweep": ("nit_lightning.cli.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
     "featurenet": ("nit_lightning.cli.featurenet", "train the small demo feature network (Inception stand-in)"),
+    "tinyae": ("nit_lightning.cli.tinyae", "train the tiny autoencoder of the tinyae:PATH codec"),
     "demo": ("nit_lightning.cli.demo", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

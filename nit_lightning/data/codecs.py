@@ -1,4 +1,5 @@
-"""Image <-> latent codecs: DC-AE (diffusers AutoencoderDC, local weights only) and a lossless pixel codec for CPU runs."""
+"""Image <-> latent codecs: DC-AE (diffusers AutoencoderDC, local weights only), a lossless pixel codec and a tiny
+learned autoencoder (data/tinyae.py) for CPU runs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 DEFAULT_DCAE_ID = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 CODEC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODEC_SPEC_HELP = "pixel:F (lossless space-to-depth, F pixels per side) or dcae:PATH_OR_ID (DC-AE, local weights)"
+CODEC_SPEC_HELP = ("pixel:F (lossless space-to-depth, F pixels per side), dcae:PATH_OR_ID (DC-AE, local weights) or "
+                   "tinyae:PATH (a tiny autoencoder file from `python -m nit_lightning tinyae`)")
 
 
 class Codec:
@@ -150,6 +152,44 @@ class DCAECodec(Codec):
         }
 
 
+class TinyAECodec(Codec):
+    """The tiny learned autoencoder of data/tinyae.py: latent = encoder(x) · scaling_factor (stored in the file)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        from nit_lightning.data.tinyae import file_sha256, load_tinyae
+
+        self.path = str(path)
+        net, self.scaling_factor, _ = load_tinyae(self.path)
+        self.sha256 = file_sha256(self.path)
+        self.device = torch.device(device)
+        self.model = net.to(self.device)
+        self.factor = int(net.config.factor)
+        self.latent_channels = int(net.config.latent_channels)
+
+    @torch.no_grad()
+    def encode(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        if images_B3HW.dim() != 4 or images_B3HW.shape[1] != 3:
+            raise ValueError(f"tinyae images must be (B, 3, H, W) in [-1, 1], got {tuple(images_B3HW.shape)}")
+        self.check_size(images_B3HW.shape[-2:])
+        return (self.model.encode(images_B3HW.to(self.device, torch.float32)) * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents_BChw: torch.Tensor) -> torch.Tensor:
+        if latents_BChw.shape[-3] != self.latent_channels:
+            raise ValueError(f"tinyae {self.path!r} needs C={self.latent_channels}, got {latents_BChw.shape[-3]}")
+        return self.model.decode(latents_BChw.to(self.device, torch.float32) / self.scaling_factor).float()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": "tinyae",
+            "path": self.path,
+            "sha256": self.sha256,
+            "factor": self.factor,
+            "latent_channels": self.latent_channels,
+            "scaling_factor": self.scaling_factor,
+        }
+
+
 def codec_from_description(description: dict[str, Any], device: str | torch.device = "cpu") -> Codec:
     """Rebuild a codec from `describe()`; the DC-AE weights are read again from the recorded local path or cache."""
     kind = description.get("type")
@@ -164,11 +204,21 @@ def codec_from_description(description: dict[str, Any], device: str | torch.devi
                 f"made with {recorded}: this is a different model; point to the one used by `prepare`"
             )
         return codec
-    raise ValueError(f"unknown codec description {description!r}: expected type 'pixel' or 'dcae'")
+    if kind == "tinyae":
+        codec = TinyAECodec(description["path"], device=device)
+        if description.get("sha256") != codec.sha256:
+            raise ValueError(
+                f"tinyae {description['path']!r} has sha256 {codec.sha256[:12]}…, but the latents were made with "
+                f"{str(description.get('sha256'))[:12]}…: the weights changed since `prepare`; restore that file or "
+                "prepare the shards again with this one"
+            )
+        return codec
+    raise ValueError(f"unknown codec description {description!r}: expected type 'pixel', 'dcae' or 'tinyae'")
 
 
 def codec_from_spec(spec: str, dtype: str = "float32", device: str | torch.device = "cpu") -> Codec:
-    """Command-line form: 'pixel:8' or 'dcae:/path/or/hf-id' (dcae alone means the default SANA-1.1 f32c32 id)."""
+    """Command-line form: 'pixel:8', 'dcae:/path/or/hf-id' (dcae alone: the default SANA-1.1 f32c32 id) or
+    'tinyae:/path/to/file.pt'."""
     kind, _, arg = spec.partition(":")
     if kind == "pixel":
         try:
@@ -177,6 +227,10 @@ def codec_from_spec(spec: str, dtype: str = "float32", device: str | torch.devic
             raise ValueError(f"codec {spec!r}: {error}; expected {CODEC_SPEC_HELP}") from error
     if kind == "dcae":
         return DCAECodec(arg or DEFAULT_DCAE_ID, dtype=dtype, device=device)
+    if kind == "tinyae":
+        if not arg:
+            raise ValueError(f"codec {spec!r} needs a file: tinyae:PATH")
+        return TinyAECodec(arg, device=device)
     raise ValueError(f"codec {spec!r} is not {CODEC_SPEC_HELP}")
 
 
@@ -188,7 +242,7 @@ def resolve_codec(
     device: str | torch.device = "cpu",
     fallback_name: str = "fallback description",
 ) -> tuple[Codec, str]:
-    """A codec given as an object, a spec ('pixel:8', 'dcae:PATH') or a description, else rebuilt from `fallback`
+    """A codec given as an object, a spec ('pixel:8', 'dcae:PATH', 'tinyae:PATH') or a description, else rebuilt from `fallback`
     (a checkpoint's or a datamodule's description); returns it with where it came from. Neither: ValueError(missing)."""
     if isinstance(codec, Codec):
         return codec, "given"
