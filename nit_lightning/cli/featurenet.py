@@ -19,12 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input", default="rgb", choices=("rgb", "gray-std"),
+                   help="rgb: the demo feature net; gray-std: the shape classifier (grayscale, standardised)")
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
     report = train_featurenet(args.data, args.out, epochs=args.epochs, size=args.size, batch_size=args.batch_size,
-                              lr=args.lr, seed=args.seed)
+                              lr=args.lr, seed=args.seed, input=args.input)
     print(json.dumps({"out": args.out, "note": "demo feature net, NOT Inception", **report}, indent=2))
     return 0
 

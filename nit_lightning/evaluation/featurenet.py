@@ -5,6 +5,10 @@ size x size, then (x - 128) / 128. Features: "pool" = global average of the last
 "spatial" = first `spatial_channels` channels of the second-to-last stage's map flattened (H, W, C) — at size 64:
 8·8·8 = 512 dims, so sFID's sqrtm stays cheap on CPU (2048 dims: 181 s here) — "logits" = classifier.
 Every stage halves the map (64 -> 32 -> 16 -> 8 -> 4): ~13 MFLOPs a 64² image, so training takes about a minute on CPU.
+
+The same network with `input="gray-std"` is the demo's **shape classifier**: after the resize each image becomes one
+grayscale channel standardised to zero mean and unit variance per image, so neither colour nor brightness can tell the
+classes apart (a flat image of any colour becomes all zeros); only the layout of light and dark is left.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 
 KIND = "nit-featurenet"
 ARCH_VERSION = 2  # 2: every stage halves, spatial from the second-to-last stage (1: full-res first stage)
+INPUTS = ("rgb", "gray-std")  # what the first stage sees: the RGB image, or its per-image standardised luminance
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
 
 
 @dataclass
@@ -36,8 +43,11 @@ class FeatureNetConfig:
     size: int = 64
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     spatial_channels: int = 8
+    input: str = "rgb"  # "rgb" | "gray-std" (shape classifier); files saved before this field are "rgb"
 
     def __post_init__(self) -> None:
+        if self.input not in INPUTS:
+            raise ValueError(f"featurenet input {self.input!r} is not one of {INPUTS}")
         if len(self.widths) < 2:
             raise ValueError(f"featurenet widths {self.widths} need at least 2 stages")
         stride = 2 ** len(self.widths)
@@ -46,6 +56,10 @@ class FeatureNetConfig:
                              f"(one halving per stage, widths {self.widths})")
         if self.num_classes < 2:
             raise ValueError(f"featurenet needs at least 2 classes, got {self.num_classes}")
+
+    @property
+    def in_channels(self) -> int:
+        return 3 if self.input == "rgb" else 1
 
     @property
     def spatial_dim(self) -> int:
@@ -67,18 +81,21 @@ class FeatureNet(nn.Module):
         super().__init__()
         self.config = config
         widths = config.widths
-        self.stages = nn.ModuleList([_stage(3 if i == 0 else widths[i - 1], widths[i], 2) for i in range(len(widths))])
+        self.stages = nn.ModuleList([_stage(config.in_channels if i == 0 else widths[i - 1], widths[i], 2)
+                                     for i in range(len(widths))])
         self.head = nn.Linear(widths[-1], config.num_classes)
         self.name = "featurenet (untrained) [demo stand-in, NOT Inception]"
         self.feature_dims = {"pool": widths[-1], "spatial": config.spatial_dim, "logits": config.num_classes}
 
     def preprocess(self, images_N3HW: torch.Tensor) -> torch.Tensor:
-        """uint8 images of any size -> float (N, 3, size, size) in [-1, 1), the same rule for every image."""
+        """uint8 images of any size -> float (N, C, size, size), the same rule for every image: RGB in [-1, 1)
+        (C = 3), or with input "gray-std" the luminance standardised per image (C = 1)."""
         if images_N3HW.dim() != 4 or images_N3HW.shape[1] != 3 or images_N3HW.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images_N3HW.dtype} {tuple(images_N3HW.shape)}")
         x = images_N3HW.to(self.head.weight.device, torch.float32)
         x = tf1_resize(x, self.config.size, self.config.size)
-        return (x - 128.0) / 128.0
+        x = (x - 128.0) / 128.0
+        return gray_standardise(x) if self.config.input == "gray-std" else x
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features of preprocessed images."""
@@ -92,6 +109,19 @@ class FeatureNet(nn.Module):
 
     def forward(self, images_N3HW: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.features(self.preprocess(images_N3HW))
+
+
+def gray_standardise(x_N3HW: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W): BT.601 luminance, minus its per-image mean, over its per-image std.
+
+    An image whose std is under `eps` (in units of the [-1, 1] range, ~1.3 grey levels) has no layout to show: it
+    becomes exactly zero, so flat images of any colour are one and the same input (not amplified rounding noise).
+    """
+    weights = x_N3HW.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    gray = (x_N3HW * weights).sum(dim=1, keepdim=True)
+    gray = gray - gray.mean(dim=(2, 3), keepdim=True)
+    std = gray.std(dim=(2, 3), keepdim=True)
+    return torch.where(std >= eps, gray / std.clamp_min(eps), torch.zeros_like(gray))
 
 
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
@@ -110,11 +140,14 @@ def _load_uint8(path: Path) -> torch.Tensor:
 
 
 def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10, size: int = 64,
-                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, val_fraction: float = 0.1) -> dict:
-    """Train the classifier on an image folder, save {config, state_dict, classes, report} to `out`; the report."""
+                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, val_fraction: float = 0.1,
+                     input: str = "rgb") -> dict:
+    """Train the classifier on an image folder, save {config, state_dict, classes, report} to `out`; the report.
+
+    input="gray-std" trains the shape classifier (see the module docstring)."""
     files, labels, classes = list_image_folder(data_dir)
     torch.manual_seed(seed)
-    net = FeatureNet(FeatureNetConfig(num_classes=len(classes), size=size))
+    net = FeatureNet(FeatureNetConfig(num_classes=len(classes), size=size, input=input))
     start = time.time()
     with torch.no_grad():  # every image preprocessed once, by the rule used at evaluation time
         x = torch.cat([net.preprocess(_load_uint8(f)[None]) for f in files])
@@ -148,7 +181,7 @@ def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10,
                  correct / total)
     _recalibrate_batchnorm(net, x[train_idx], batch_size)
     net.eval()
-    report = {"images": len(files), "classes": len(classes), "train_images": int(len(train_idx)),
+    report = {"input": input, "images": len(files), "classes": len(classes), "train_images": int(len(train_idx)),
               "val_images": int(n_val), "epochs": epochs, "train_loss": loss_sum / max(total, 1),
               "train_acc": correct / max(total, 1), "seconds": round(time.time() - start, 1)}
     if n_val:
@@ -199,5 +232,76 @@ def load_featurenet(path: str | Path, device: str | torch.device = "cpu") -> Fea
     net = FeatureNet(FeatureNetConfig(**payload["config"]))
     net.load_state_dict(payload["state_dict"], strict=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    net.name = f"featurenet-{digest} [demo stand-in, NOT Inception]"
+    if net.config.input == "rgb":
+        net.name = f"featurenet-{digest} [demo stand-in, NOT Inception]"
+    else:
+        net.name = f"featurenet-{net.config.input}-{digest} [shape classifier: grayscale, standardised per image]"
     return net.to(device).eval()
+
+
+ImageSet = Union[str, Path, np.ndarray, torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_classifier(classifier: FeatureNet | str | Path | nn.Module) -> FeatureNet:
+    """A FeatureNet, a saved one (path), or a wrapper holding one as `.net` (features.BatchedExtractor)."""
+    if isinstance(classifier, (str, Path)):
+        return load_featurenet(classifier)
+    net = getattr(classifier, "net", classifier)
+    if not isinstance(net, FeatureNet):
+        raise TypeError(f"need a FeatureNet, a featurenet file or an extractor holding one, got {type(classifier).__name__}")
+    return net
+
+
+def labelled_images(images: ImageSet, labels: np.ndarray | Sequence[int] | None) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Batches of uint8 (n, 3, H, W) in order, and the labels, from an ADM npz (arr_0 NHWC; labels default to
+    arr_1), an NHWC uint8 array, an (N, 3, H, W) uint8 tensor or a list of (3, H, W) uint8 tensors of any sizes."""
+    if isinstance(images, (str, Path)):
+        with np.load(images, allow_pickle=False) as data:
+            if labels is None and "arr_1" not in data:
+                raise ValueError(f"{str(images)!r} has no arr_1 (labels); pass labels")
+            labels = data["arr_1"] if labels is None else labels
+            images = data["arr_0"]
+    if labels is None:
+        raise ValueError("labels are needed unless the images come from an npz with arr_1")
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"an image array must be uint8 NHWC with 3 channels, got {images.dtype} {images.shape}")
+        batches = [torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)]
+    elif isinstance(images, torch.Tensor):
+        batches = [images]
+    else:
+        batches = []  # runs of equal sizes, in order, so that the labels keep their positions
+        for image in images:
+            if batches and batches[-1][-1].shape == image.shape:
+                batches[-1].append(image)
+            else:
+                batches.append([image])
+        batches = [torch.stack(run) for run in batches]
+    labels = np.asarray(labels).astype(np.int64)
+    count = sum(len(b) for b in batches)
+    if count != len(labels):
+        raise ValueError(f"{count} images but {len(labels)} labels")
+    return batches, labels
+
+
+@torch.no_grad()
+def accuracy(images: ImageSet, labels: np.ndarray | Sequence[int] | None,
+             classifier: FeatureNet | str | Path | nn.Module, batch_size: int = 256) -> float:
+    """Share of images the classifier assigns to their label (see `labelled_images` for the accepted inputs)."""
+    net = _as_classifier(classifier).eval()
+    batches, labels = labelled_images(images, labels)
+    predicted = []
+    for batch in batches:
+        for start in range(0, len(batch), batch_size):
+            predicted.append(net(batch[start:start + batch_size])["logits"].argmax(1).cpu().numpy())
+    return float((np.concatenate(predicted) == labels).mean())
+
+
+def shape_accuracy(images: ImageSet, labels: np.ndarray | Sequence[int] | None,
+                   classifier: FeatureNet | str | Path | nn.Module, batch_size: int = 256) -> float:
+    """`accuracy` with a shape classifier (input "gray-std"): colour and brightness cannot help it."""
+    net = _as_classifier(classifier)
+    if net.config.input != "gray-std":
+        raise ValueError(f"shape accuracy needs a classifier trained with input 'gray-std', {net.name} sees "
+                         f"{net.config.input!r}; train one with `featurenet --input gray-std`")
+    return accuracy(images, labels, net, batch_size)
