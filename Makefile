@@ -3,8 +3,11 @@ PYTHON_SYS ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Sweep variables (make eval-res-sweep CKPT=... REF_DIR=... NUM=50000 OUT=...)
-CKPT ?= checkpoints/last.ckpt
+DEMO_CONFIG ?= experiments/demo.yaml
+DEMO_OUT ?= demo_out
+# Sweep variables (make eval-res-sweep CKPT=... REF_DIR=... NUM=50000 OUT=...); without CKPT the sweeps run at demo
+# scale on the model `make demo` trained (demo-scale sweep files, the demo feature net, DEMO_OUT/sweeps/<name>/).
+CKPT ?=
 REF_DIR ?= references
 NUM ?= 50000
 OUT ?= outputs/sweeps
@@ -32,10 +35,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m nit_lightning demo --out demo_out
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT)
 
 demo-ablation: install
-	$(PY) -m nit_lightning demo --out demo_out --ablation
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --ablation
 
 bench: install
 	$(PY) bench/attention.py
@@ -47,10 +50,18 @@ gpu-check: install
 	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
 
 eval-res-sweep: install
+ifeq ($(CKPT),)
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_resolution.yaml
+else
 	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/resolution $(SWEEP_ARGS)
+endif
 
 eval-ar-sweep: install
+ifeq ($(CKPT),)
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_aspect_ratio.yaml
+else
 	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/aspect_ratio $(SWEEP_ARGS)
+endif
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf $(DEMO_OUT) .pytest_cache

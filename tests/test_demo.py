@@ -1,4 +1,4 @@
-"""The CPU demo: settings and config plumbing (fast), and a `--quick --ablation` end-to-end run + resume (slow)."""
+"""The CPU demo: config plumbing (fast), and the quick config's ablation end to end + resume (slow)."""
 from __future__ import annotations
 
 import json
@@ -8,104 +8,117 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nit_lightning.demo.data import DemoPaths
-from nit_lightning.demo.pipeline import check_settings
-from nit_lightning.demo.report import size_kind
-from nit_lightning.demo.settings import make_settings
-from nit_lightning.demo.train import run_config
+from nit_lightning.cli.demo import Demo, fill, load_config, run_demo
+from nit_lightning.cli.demo_report import size_kind
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+DEMO, QUICK = EXPERIMENTS / "demo.yaml", EXPERIMENTS / "demo_quick.yaml"
 
 
-def test_settings_reject_unbalanced_sample_counts_and_bad_sizes():
-    with pytest.raises(ValueError, match="num_samples=15 must be a multiple of num_classes=10"):
-        make_settings(num_samples=15)
-    with pytest.raises(ValueError, match="100x100 is not a multiple of the codec factor 8"):
-        make_settings(sizes=("100x100",))
-    with pytest.raises(ValueError, match="unknown demo settings"):
-        make_settings(bogus=1)
-
-
-def test_runs_and_modes_follow_the_ablation_flag():
-    assert make_settings().runs() == {"native": ["native"]}
-    ablation = make_settings(ablation=True)
-    assert ablation.runs() == {"native": ["native"], "mix": ["native", "fixed-64", "fixed-128"],
-                               "fixed": ["fixed-64", "fixed-128"]}
-    assert ablation.modes() == ["native", "fixed-64", "fixed-128"]
-
-
-def test_size_kinds_relative_to_the_training_sides():
-    s = make_settings()  # training sides 32..128 px, aspect ratios 1:3..3:1
-    assert [size_kind(x, s) for x in ("64x64", "128x128", "192x192", "64x192", "192x64", "32x96", "160x96")] == [
-        "seen", "seen", "unseen size", "unseen size, H:W 1:3", "unseen size, H:W 3:1", "seen", "unseen size, H:W 5:3"]
-
-
-def test_run_config_fills_in_data_outputs_and_sizes(tmp_path):
-    s = make_settings(str(tmp_path), ablation=True)
-    config = run_config(s, DemoPaths(tmp_path), "mix", s.runs()["mix"])
-    assert [src["path"] for src in config["data"]["sources"]] == [
-        str(tmp_path / "data" / "shards" / m) for m in ("native", "fixed-64", "fixed-128")]
-    assert config["trainer"]["max_steps"] == s.train_steps
-    assert config["model"]["net"] == {"name": "NiT-debug", "depth": s.depth, "hidden_size": s.hidden_size,
-                                      "num_heads": s.num_heads, "num_classes": 10}
+def test_config_extends_and_fills_only_its_placeholders(tmp_path):
+    quick = load_config(QUICK)
+    full = load_config(DEMO)
+    assert quick["images"]["num_images"] == 240 and quick["images"]["val_fraction"] == full["images"]["val_fraction"]
+    demo = Demo(full, tmp_path, ablation=True)
+    assert list(demo.runs()) == ["native-s0", "mix-s0", "fixed-s0", "native-s1", "mix-s1", "fixed-s1"]
+    assert Demo(full, tmp_path).runs() == {"native": (["native"], 0)}
+    sources = [{"path": "a", "weight": 1.0}]
+    config = fill(demo.config["fit"], run="mix-s1", seed=1, sources=sources)
+    assert config["data"]["sources"] == sources and config["seed_everything"] == 1 and config["model"]["seed"] == 1
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["dirpath"] == str(tmp_path / "runs" / "mix" / "checkpoints")
-    assert callbacks["SampleGridCallback"]["sizes"] == list(s.sizes)
-    assert callbacks["SampleGridCallback"]["at_train_end"] is True
-    assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "runs" / "mix")
+    assert callbacks["ModelCheckpoint"]["dirpath"] == f"{tmp_path}/runs/mix-s1/checkpoints"
+    assert "${" not in json.dumps(config)  # every placeholder filled
+
+
+def test_bad_configs_are_refused(tmp_path):
+    (tmp_path / "bad.yaml").write_text("extends: " + str(DEMO) + "\nsmaple: {}\n")
+    with pytest.raises(ValueError, match=r"unknown sections \['smaple'\]"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_resume_into_an_out_with_other_settings_is_refused(tmp_path):
-    check_settings(make_settings(str(tmp_path)), tmp_path)
-    check_settings(make_settings(str(tmp_path), ablation=True, threads=1), tmp_path)  # flags may change
-    with pytest.raises(ValueError, match="train_steps"):
-        check_settings(make_settings(str(tmp_path), train_steps=5), tmp_path)
+    config = load_config(QUICK)
+    Demo(config, tmp_path).check_settings()
+    Demo({**config, "threads": 1}, tmp_path).check_settings()  # run flags may change
+    with pytest.raises(ValueError, match=r"sections \['sample'\] differ"):
+        Demo({**config, "sample": {**config["sample"], "num_samples": 4}}, tmp_path).check_settings()
+
+
+def test_size_kinds_relative_to_the_training_sides(tmp_path):
+    demo = Demo(load_config(DEMO), tmp_path)  # training sides 32..128 px, aspect ratios 1:3..3:1
+    assert [size_kind(x, demo) for x in ("64x64", "128x128", "192x192", "64x192", "192x64", "32x96", "160x96")] == [
+        "seen", "seen", "unseen size", "unseen size, H:W 1:3", "unseen size, H:W 3:1", "seen", "unseen size, H:W 5:3"]
 
 
 def test_demo_command_reports_bad_settings_with_exit_code_2(tmp_path, capsys):
     from nit_lightning.cli.demo import main
 
-    assert main(["--out", str(tmp_path), "--num-samples", "7"]) == 2
-    assert "num_samples=7" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["--config", str(QUICK), "--out", str(tmp_path), "--sweep", str(EXPERIMENTS / "sweeps" / "x.yaml")]) == 2
+    assert "make demo" in capsys.readouterr().err  # no trained demo model yet
 
 
 @pytest.fixture(scope="module")
 def quick_ablation(tmp_path_factory) -> tuple[Path, dict]:
-    from nit_lightning.demo.pipeline import run_demo
-
     out = tmp_path_factory.mktemp("demo")
-    result = run_demo(make_settings(str(out), ablation=True, quick=True, threads=1))
-    return out, result
+    return out, run_demo(load_config(QUICK), out, ablation=True, threads=1)
 
 
 @pytest.mark.slow
 def test_quick_ablation_runs_end_to_end(quick_ablation):
     out, result = quick_ablation
-    s = make_settings(str(out), ablation=True, quick=True)
+    config = load_config(QUICK)
     for mode in ("native", "fixed-32", "fixed-64"):
         assert (out / "data" / "shards" / mode / "index.json").is_file()
-    for run in ("native", "mix", "fixed"):
+    for run, modes in config["runs"].items():
         assert (out / "runs" / run / "checkpoints" / "final.ckpt").is_file()
         assert list((out / "runs" / run / "grids").glob("step*_32x96.png")), "sample grids at an unseen AR"
         assert list((out / "runs" / run / "tb").glob("events.out.tfevents.*")), "TensorBoard log"
         metrics = json.loads((out / "runs" / run / "metrics.json").read_text())["featurenet"]
-        assert sorted(metrics) == sorted(s.sizes)
+        assert sorted(metrics) == sorted(config["sample"]["sizes"])
         for row in metrics.values():
-            assert row["num_samples"] == s.num_samples and "NOT Inception" in row["features"]
-            for key in ("fid", "sfid", "is", "precision", "recall", "class_acc"):
+            assert row["num_samples"] == config["sample"]["num_samples"] and "NOT Inception" in row["features"]
+            for key in ("fid", "sfid", "is", "precision", "recall", "class_acc", "shape_acc"):
                 assert math.isfinite(row[key]), (run, key, row[key])
-        config = yaml.safe_load((out / "runs" / run / "config.yaml").read_text())
-        assert len(config["data"]["sources"]) == len(s.runs()[run])
+        fit = yaml.safe_load((out / "runs" / run / "config.yaml").read_text())
+        assert len(fit["data"]["sources"]) == len(modes)
     report = (out / "report.md").read_text()
-    assert "demo CNN, not Inception" in report and "Ablation summary" in report
-    assert "tensorboard --logdir" in report
+    assert "demo CNNs, not Inception" in report and "Ablation summary" in report and "shape acc" in report
+    assert "tensorboard --logdir" in report and "the ceiling" in report
     timings = json.loads((out / "timings.json").read_text())
-    assert {"1-synth", "2-prepare-native", "3-train-mix", "4-sample-fixed", "5c-evaluate-native"} <= set(timings)
+    assert {"1-images", "2b-shards-native", "3-shape", "4-fit-mix", "5-sample-fixed", "6-evaluate-native"} <= set(timings)
 
 
 @pytest.mark.slow
 def test_rerun_reuses_every_finished_step(quick_ablation):
-    from nit_lightning.demo.pipeline import run_demo
-
     out, first = quick_ablation
-    again = run_demo(make_settings(str(out), ablation=True, quick=True, threads=1))
+    again = run_demo(load_config(QUICK), out, ablation=True, threads=1)
     assert all(record.get("reused_now") for record in again["timings"].values()), again["timings"]
     assert again["metrics"] == first["metrics"]
+
+
+@pytest.mark.slow
+def test_demo_scale_sweep_on_the_trained_model(quick_ablation, tmp_path):
+    from nit_lightning.cli.demo import main
+
+    out, _ = quick_ablation
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: toy\nsettings:\n  - {size: 32x64, method: euler, steps: 2, cfg_scale: 2.0}\n")
+    assert main(["--config", str(QUICK), "--out", str(out), "--sweep", str(sweep), "--threads", "1"]) == 0
+    results = json.loads((out / "sweeps" / "sweep" / "results.json").read_text())
+    assert results["results"]["32x64"]["status"] == "ok" and "NOT the FID Inception" in \
+        (out / "sweeps" / "sweep" / "results.md").read_text()
+
+
+def test_demo_sweep_files_fit_the_demo_codec():
+    from nit_lightning.generation.settings import load_sweep
+
+    codec = load_config(DEMO)["codec"]
+    kind, _, arg = codec["spec"].partition(":")
+    factor = int(arg) if kind == "pixel" else int(codec["tinyae"]["config"]["factor"])
+    for name in ("demo_resolution", "demo_aspect_ratio"):
+        sweep = load_sweep(EXPERIMENTS / "sweeps" / f"{name}.yaml")
+        assert all(h % factor == 0 and w % factor == 0 for h, w in (s.size for s in sweep.settings)), name

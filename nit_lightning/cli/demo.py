@@ -1,44 +1,351 @@
-"""`python -m nit_lightning demo`: the CPU end-to-end demo (synth, prepare, fit, sample, evaluate, report)."""
+"""`python -m nit_lightning demo`: the CPU end-to-end demo, driven by one config file (experiments/demo.yaml).
+
+Steps, each skipped when its outputs exist (a rerun resumes): synthetic images -> the codec (a tinyae trained here, or
+a fixed one) -> latent shards -> the demo's feature net and shape classifier -> reference statistics -> per run: fit
+(EMA, TensorBoard, sample grids) -> samples at seen and unseen sizes -> metrics -> OUT/report.md. `--ablation` trains
+every data mixture of the config, for each of its ablation seeds. `--sweep FILE` runs a demo-scale sweep
+(experiments/sweeps/demo_*.yaml) on the trained demo model: what `make eval-res-sweep` / `make eval-ar-sweep` do
+without a CKPT. Every value lives in the config; this file only fills in `${out}`, `${run}`, `${seed}`, `${sources}`.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
 
+import yaml
+
+from nit_lightning.cli import demo_report as report
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
-from nit_lightning.demo.settings import make_settings
+from nit_lightning.cli.lightning import run_cli
+from nit_lightning.data.sizes import parse_size
+
+INCEPTION_ENV = "NIT_INCEPTION_WEIGHTS"  # a local pt_inception-2015-12-05-6726825d.pth adds Inception metrics
+SECTIONS = ("seed", "threads", "images", "codec", "shards", "runs", "ablation", "fit", "sample", "evaluate")
+RUN_FLAGS = ("threads",)  # may change between a run and its resume: they decide speed, not results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser("demo",
-        "End-to-end CPU demo on a synthetic native-resolution set: synth -> prepare -> fit (EMA, "
-                    "TensorBoard, sample grids) -> sample at seen/unseen sizes and aspect ratios -> metrics with a "
-                    "demo feature net (not Inception) -> OUT/report.md. Resumable: finished steps are reused.")
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="train and evaluate three data mixtures: native, mix (native + fixed), fixed only")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (about a minute; for tests)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 1200; quick 12)")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="samples per size, a multiple of the class count (default 50; quick 8)")
-    parser.add_argument("--config", default=None, help="base training YAML (default experiments/demo.yaml)")
-    return parser
+    p = make_parser("demo", __doc__)
+    p.add_argument("--config", default="experiments/demo.yaml", help="the demo's config (default experiments/demo.yaml)")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--ablation", action="store_true", help="train every data mixture of the config, for each seed")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the config's)")
+    p.add_argument("--sweep", default=None, help="a demo-scale sweep file: sample + evaluate the trained demo model")
+    return p
+
+
+# ---- the config -----------------------------------------------------------------------------------------------
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The YAML, with `extends: OTHER.yaml` resolved (this file's keys merged over the other's, recursively)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {str(path)!r} not found; run from the repository root or pass --config")
+    config = yaml.safe_load(path.read_text()) or {}
+    base = config.pop("extends", None)
+    if base is not None:
+        config = _merge(load_config(path.parent / base), config)
+    unknown, missing = sorted(set(config) - set(SECTIONS)), sorted(set(SECTIONS) - set(config))
+    if unknown or missing:
+        raise ValueError(f"demo config {path}: unknown sections {unknown}, missing sections {missing}")
+    return config
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def fill(value: Any, **names: Any) -> Any:
+    """Replace "${name}" in every string of a nested config; a string that is exactly "${name}" takes its value."""
+    if isinstance(value, dict):
+        return {k: fill(v, **names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill(v, **names) for v in value]
+    if isinstance(value, str):
+        for name, replacement in names.items():
+            if value == f"${{{name}}}":
+                return replacement
+            value = value.replace(f"${{{name}}}", str(replacement))
+    return value
+
+
+class Demo:
+    """The demo's folders and steps; `config` is the loaded YAML with ${out} filled in."""
+
+    def __init__(self, config: dict[str, Any], out: str | Path, *, ablation: bool = False) -> None:
+        self.out = Path(out)
+        self.config = fill(config, out=str(self.out))
+        self.ablation = ablation
+        self.images, self.shards, self.eval = self.out / "data" / "images", self.out / "data" / "shards", self.out / "eval"
+        self.sizes = [parse_size(s) for s in self.config["sample"]["sizes"]]
+        self.timer = report.StepTimer(self.out / "timings.json")
+
+    # -- which runs ------------------------------------------------------------------------------------------------
+    def runs(self) -> dict[str, tuple[list[str], int]]:
+        """Run name -> (prepare modes of its data, training seed): the first mixture, or all of them × the seeds."""
+        mixtures = self.config["runs"]
+        if not self.ablation:
+            name = next(iter(mixtures))
+            return {name: (mixtures[name], int(self.config["seed"]))}
+        seeds = [int(s) for s in self.config["ablation"]["seeds"]]
+        return {(name if len(seeds) == 1 else f"{name}-s{seed}"): (modes, seed)
+                for seed in seeds for name, modes in mixtures.items()}
+
+    def check_settings(self) -> None:
+        """Refuse to resume into an OUT made with other settings (its outputs would mix); record them otherwise."""
+        path = self.out / "settings.json"
+        now = {k: v for k, v in self.config.items() if k not in RUN_FLAGS}
+        if path.is_file():
+            before = {k: v for k, v in json.loads(path.read_text()).items() if k not in RUN_FLAGS}
+            diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+            if diff:
+                raise ValueError(f"{self.out} holds a demo made with other settings (sections {diff} differ); use "
+                                 f"another --out or delete {self.out}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.config, indent=1))
+
+    # -- 1-2: data ---------------------------------------------------------------------------------------------------
+    def make_images(self) -> None:
+        from nit_lightning.data.synthetic import SynthSettings, write_synthetic
+
+        with self.timer.step("1-images", "synthetic native-resolution images") as info:
+            if (self.images / "synth.json").is_file():
+                info["status"] = "reused"  # write_synthetic refuses a folder made with other settings
+                return
+            write_synthetic(SynthSettings(out=str(self.images), seed=int(self.config["seed"]), **self.config["images"]))
+
+    def codec_spec(self) -> str:
+        """The codec spec of the shards: `spec` as given; a tinyae file is trained first (step 2a)."""
+        codec = self.config["codec"]
+        spec = str(codec["spec"])
+        if spec.startswith("tinyae:"):
+            path = Path(spec.split(":", 1)[1])
+            with self.timer.step("2a-tinyae", "tiny autoencoder codec on the training images") as info:
+                if path.is_file():
+                    info["status"] = "reused"
+                else:
+                    from nit_lightning.data.tinyae import TinyAEConfig, TinyAETrainSettings, train_tinyae
+
+                    trained = train_tinyae(self.images / "train", path, TinyAEConfig(**codec["tinyae"]["config"]),
+                                           TinyAETrainSettings(**codec["tinyae"]["train"]))
+                    info.update({k: v for k, v in trained.items() if isinstance(v, (int, float, str))})
+        return spec
+
+    def make_shards(self, mode: str, codec: str) -> Path:
+        from nit_lightning.data.prepare import PrepareSettings, run_prepare
+
+        out = self.shards / mode
+        with self.timer.step(f"2b-shards-{mode}", f"latent shards ({codec}, {mode})") as info:
+            if (out / "index.json").is_file():
+                info["status"] = "reused"
+                return out
+            result = run_prepare(PrepareSettings(input=str(self.images / "train"), output=str(out), mode=mode,
+                                                 codec=codec, flip=True, **self.config["shards"]))
+            if result["failed"] or result["index"] is None:
+                raise RuntimeError(f"prepare {mode} into {out} left shards unfinished: {result['failed']}; rerun")
+            info.update(samples=result["index"]["num_samples"], skipped=result["index"]["counts"].get("skipped"))
+        return out
+
+    # -- 3: the evaluation nets and references -------------------------------------------------------------------------
+    def make_classifiers(self) -> dict[str, Path]:
+        """The demo feature net (RGB, FID stand-in) and the shape classifier (grayscale, standardised per image)."""
+        from nit_lightning.evaluation.featurenet import train_featurenet
+
+        nets = {"featurenet": (self.eval / "featurenet.pt", "rgb"), "shape": (self.eval / "shape.pt", "gray-std")}
+        settings = self.config["evaluate"]
+        for name, (path, kind) in nets.items():
+            with self.timer.step(f"3-{name}", f"demo {name} classifier (NOT Inception) on the training images") as info:
+                if path.is_file():
+                    info["status"] = "reused"
+                    continue
+                trained = train_featurenet(self.images / "train", path, input=kind, seed=int(self.config["seed"]),
+                                           **settings[name])
+                info.update({k: trained[k] for k in ("train_acc", "val_acc") if k in trained})
+        return {name: path for name, (path, _) in nets.items()}
+
+    def extractors(self, featurenet: Path) -> dict[str, Any]:
+        """The demo feature net always; the FID Inception too when NIT_INCEPTION_WEIGHTS names a local file."""
+        from nit_lightning.evaluation.features import load_feature_extractor
+
+        out = {"featurenet": load_feature_extractor(f"featurenet:{featurenet}", batch_size=128)}
+        weights = os.environ.get(INCEPTION_ENV)
+        if weights:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"{INCEPTION_ENV}={weights!r} is not a file; point it at "
+                                        "pt_inception-2015-12-05-6726825d.pth or unset it")
+            out["inception"] = load_feature_extractor(f"inception:{weights}", batch_size=32)
+        return out
+
+    def references(self, extractors: dict[str, Any], sizes: list[tuple[int, int]]) -> dict[str, Path]:
+        """Reference statistics per (extractor, size) from the held-out val images; {"<features>/<HxW>": path}."""
+        from nit_lightning.data.sizes import format_size
+        from nit_lightning.evaluation.reference import build_reference, save_reference
+
+        out = {}
+        with self.timer.step("3-references", f"reference statistics for {len(sizes)} sizes") as info:
+            made = 0
+            for features, extractor in extractors.items():
+                for size in sizes:
+                    path = self.reference_dir(features) / f"{format_size(size)}.npz"
+                    out[f"{features}/{format_size(size)}"] = path
+                    if not path.is_file():
+                        save_reference(path, build_reference(self.images / "val", size, extractor, seed=0,
+                                                             subset=int(self.config["evaluate"]["reference_subset"]),
+                                                             batch_size=128, num_workers=1))
+                        made += 1
+            info.update(status="ran" if made else "reused", built=made)
+        return out
+
+    def reference_dir(self, features: str) -> Path:
+        return self.eval / ("references" if features == "featurenet" else f"references_{features}")
+
+    # -- 4: one run ------------------------------------------------------------------------------------------------
+    def train(self, name: str, shard_dirs: list[Path], seed: int) -> Path:
+        """Fit one run from the config's `fit` section (resuming from its last.ckpt); returns the final checkpoint."""
+        run = self.out / "runs" / name
+        final, last = run / "checkpoints" / "final.ckpt", run / "checkpoints" / "last.ckpt"
+        sources = [{"path": str(d), "weight": 1.0} for d in shard_dirs]
+        config = fill(self.config["fit"], run=name, seed=seed, sources=sources)
+        steps = int(config["trainer"]["max_steps"])
+        with self.timer.step(f"4-fit-{name}", f"fit {steps} steps on {' + '.join(d.name for d in shard_dirs)}") as info:
+            done = run / "train_done.json"
+            if done.is_file() and final.is_file():
+                if json.loads(done.read_text()).get("config") != config:
+                    raise ValueError(f"{run} was trained with another config; use another --out or delete {run}")
+                info["status"] = "reused"
+                return final
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            argv = ["fit", "--config", str(run / "config.yaml")]
+            if last.is_file():  # an interrupted run continues where it stopped (weights, EMA, optimiser, data)
+                argv += ["--ckpt_path", str(last)]
+                info["resumed"] = True
+            trainer = run_cli(argv).trainer
+            if trainer.global_step < steps:
+                raise RuntimeError(f"run {name} stopped at step {trainer.global_step} of {steps}; rerun to resume")
+            trainer.save_checkpoint(final)  # through the trainer: nit_meta and the EMA weights, like every checkpoint
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            info.update(steps=trainer.global_step, final_loss=metrics.get("train/loss"))
+            done.write_text(json.dumps({"config": config, "steps": trainer.global_step, "metrics": metrics}, indent=1))
+        return final
+
+    def sample(self, name: str, ckpt: Path) -> dict[str, Path]:
+        from nit_lightning.generation.sample_set import SampleRun, run_sample
+        from nit_lightning.generation.settings import SamplerSettings, SweepSetting
+
+        settings = self.config["sample"]
+        sampler = SamplerSettings.from_dict(settings["sampler"], where="demo sample.sampler")
+        with self.timer.step(f"5-sample-{name}", f"{settings['num_samples']} samples x {len(self.sizes)} sizes") as info:
+            folder = self.out / "runs" / name / "samples"
+            before = len(list(folder.glob("*/done.json"))) if folder.is_dir() else 0
+            paths = run_sample(SampleRun(ckpt=str(ckpt), out=str(folder), num_samples=int(settings["num_samples"]),
+                                         settings=[SweepSetting(size, sampler) for size in self.sizes], device="cpu",
+                                         seed=int(self.config["seed"]), tokens_per_pack=int(settings["tokens_per_pack"]),
+                                         progress=False))
+            info["status"] = "reused" if before == len(self.sizes) else "ran"
+        return paths
+
+    def evaluate(self, name: str, samples: dict[str, Path], extractors: dict[str, Any], refs: dict[str, Path],
+                 shape: Path) -> dict[str, Any]:
+        """FID / sFID / IS / P / R per size and extractor, class accuracy (feature net), shape accuracy -> metrics.json."""
+        from nit_lightning.evaluation.evaluate import evaluate_samples
+        from nit_lightning.evaluation.featurenet import accuracy, load_featurenet, shape_accuracy
+
+        path = self.out / "runs" / name / "metrics.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        classifier = load_featurenet(shape)
+        with self.timer.step(f"6-evaluate-{name}", "metrics per size") as info:
+            made = 0
+            for features, extractor in extractors.items():
+                table = record.setdefault(features, {})
+                for size, npz in samples.items():
+                    ref = refs[f"{features}/{size}"]
+                    key = f"{report.stamp(npz)}|{report.stamp(ref)}|{extractor.name}"  # redone if either changed
+                    if table.get(size, {}).get("key") == key:
+                        continue
+                    result = evaluate_samples(npz, ref, extractor, batch_size=128)
+                    row = {k: result[k] for k in ("fid", "sfid", "is", "precision", "recall", "num_samples") if k in result}
+                    if features == "featurenet":  # the demo nets classify exactly the demo's classes
+                        row["class_acc"] = accuracy(npz, None, extractor.net)
+                        row["shape_acc"] = shape_accuracy(npz, None, classifier)
+                    row.update(features=result["features"], key=key)
+                    table[size] = row
+                    made += 1
+                    path.write_text(json.dumps(record, indent=1))
+            info["status"] = "ran" if made else "reused"
+        return record
+
+
+def run_demo(config: dict[str, Any], out: str | Path, *, ablation: bool = False, threads: int | None = None) -> dict:
+    """Run (or resume) the demo; returns {"report": path, "metrics": {run: ...}, "timings": {...}}."""
+    import torch
+
+    demo = Demo(config, out, ablation=ablation)
+    torch.set_num_threads(int(threads or demo.config["threads"]))
+    demo.check_settings()
+    report.banner(demo)
+    demo.make_images()
+    codec = demo.codec_spec()
+    shard_dirs = {mode: demo.make_shards(mode, codec) for mode in dict.fromkeys(m for ms, _ in demo.runs().values()
+                                                                                  for m in ms)}
+    nets = demo.make_classifiers()
+    extractors = demo.extractors(nets["featurenet"])
+    refs = demo.references(extractors, demo.sizes)
+    real = report.real_shape_accuracy(demo, nets["shape"])
+    metrics: dict[str, Any] = {}
+    for name, (modes, seed) in demo.runs().items():
+        ckpt = demo.train(name, [shard_dirs[m] for m in modes], seed)
+        samples = demo.sample(name, ckpt)
+        metrics[name] = demo.evaluate(name, samples, extractors, refs, nets["shape"])
+        report.write(demo, metrics, real)  # a partial report after every run
+    path = report.write(demo, metrics, real)
+    report.print_summary(demo, metrics, path)
+    return {"report": path, "metrics": metrics, "timings": demo.timer.records}
+
+
+def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, threads: int | None = None) -> int:
+    """A demo-scale sweep on the trained default run: references at the sweep's sizes, then the suite's run_sweep."""
+    import torch
+
+    from nit_lightning.evaluation.sweep import run_sweep
+    from nit_lightning.generation.pipeline import load_pipeline
+    from nit_lightning.generation.settings import load_sweep
+
+    demo = Demo(config, out)
+    torch.set_num_threads(int(threads or demo.config["threads"]))
+    name = next(iter(demo.runs()))
+    ckpt = demo.out / "runs" / name / "checkpoints" / "final.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} does not exist: run `make demo` first (or pass CKPT=... for a real model)")
+    sweep = load_sweep(sweep_path)
+    featurenet = demo.eval / "featurenet.pt"
+    extractors = {"featurenet": demo.extractors(featurenet)["featurenet"]}
+    demo.references(extractors, [s.size for s in sweep.settings])
+    out_dir = demo.out / "sweeps" / Path(sweep_path).stem
+    summary = run_sweep(sweep, ref_dir=demo.reference_dir("featurenet"), out=out_dir,
+                        num=int(demo.config["sample"]["num_samples"]), extractor=extractors["featurenet"],
+                        pipeline=load_pipeline(ckpt), seed=int(demo.config["seed"]),
+                        tokens_per_pack=int(demo.config["sample"]["tokens_per_pack"]))
+    print((out_dir / "results.md").read_text())
+    print(f"TensorBoard:  tensorboard --logdir {out_dir / 'tb'}")
+    return 1 if any(r["status"] == "failed" for r in summary["results"].values()) else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    config = load_config(args.config)
+    if args.sweep:
+        return run_demo_sweep(config, args.out, args.sweep, args.threads)
+    run_demo(config, args.out, ablation=args.ablation, threads=args.threads)
+    return 0
 
 
 def main(argv: list[str]) -> int:
     return run_command(build_parser(), _run, argv)
-
-
-def _run(args) -> int:
-    overrides = {"threads": args.threads}
-    if args.steps is not None:
-        overrides["train_steps"] = args.steps
-    if args.num_samples is not None:
-        overrides["num_samples"] = args.num_samples
-    if args.config is not None:
-        overrides["config"] = args.config
-    from nit_lightning.demo.pipeline import run_demo
-
-    settings = make_settings(args.out, ablation=args.ablation, quick=args.quick, **overrides)
-    run_demo(settings)
-    return 0
