@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nit_lightning.cli.demo import Demo, fill, load_config, run_demo
+from nit_lightning.cli.demo import load_config, run_demo
+from nit_lightning.cli.demo_steps import Demo, fill
 from nit_lightning.cli.demo_report import size_kind
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

@@ -14,8 +14,14 @@ from nit_lightning.cli.common import run_command
 from nit_lightning.data.sizes import ROUND_MODES, parse_sizes
 from nit_lightning.diffusion.sampling import METHODS
 from nit_lightning.generation.sample_set import SampleRun, run_sample
-from nit_lightning.generation.settings import (INTEGRATION_DTYPES, PRECISIONS, SamplerSettings, SweepSetting,
-                                               load_sweep, parse_interval)
+from nit_lightning.generation.settings import (
+    INTEGRATION_DTYPES,
+    PRECISIONS,
+    SamplerSettings,
+    SweepSetting,
+    load_sweep,
+    parse_interval,
+)
 
 SAMPLER_FLAGS = ("method", "steps", "cfg", "interval", "precision", "dtype")
 
