@@ -36,3 +36,24 @@ def test_backend_check_runs_on_cpu_and_every_backend_passes(gpu_check):
     rows = gpu_check.check_backends(torch.device("cpu"), torch.float32, heads=2, head_dim=8, tokens=512)
     assert {row["backend"] for row in rows} >= {"loop", "sdpa_mask"}
     assert all(row["ok"] for row in rows), rows
+
+
+@pytest.mark.slow
+def test_end_to_end_section_runs_the_user_path_on_cpu(tmp_path):
+    """bench/gpu_e2e.py --tiny: synth -> prepare -> fit (the NiT-B ablation config, overrides only) -> sample, as
+    subprocesses, each result a JSON line written as soon as it exists."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_e2e.py"
+    out = tmp_path / "e2e.jsonl"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--work", str(tmp_path / "w"),
+                           "--out", str(out), "--raw-tokens-per-s", "1000"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = {row["section"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"e2e-synth", "e2e-prepare", "e2e-fit", "e2e-sample"}
+    assert all(row["rc"] == 0 for row in rows.values())
+    assert rows["e2e-prepare"]["images"] == 40 and rows["e2e-fit"]["perf/tokens_per_sec"] > 0
+    assert rows["e2e-fit"]["fit_vs_raw"] > 0 and rows["e2e-sample"]["images_per_s"] > 0
