@@ -70,3 +70,10 @@ def test_repo_sweep_files_carry_the_spec_table():
         method, steps, cfg, interval, fid = SPEC_TABLE[setting.name]
         assert setting.sampler == SamplerSettings(method, steps, cfg, interval), setting.name
         assert setting.published["fid"] == fid
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_elsewhere():
+    auto = SamplerSettings()
+    assert auto.precision == "auto"
+    assert auto.for_device("cpu").precision == "fp32" and auto.for_device("cuda:0").precision == "bf16"
+    assert SamplerSettings(precision="fp32").for_device("cuda").precision == "fp32"  # an explicit choice stays

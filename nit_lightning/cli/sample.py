@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "heun = 2·steps−1")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 1 = off)")
     p.add_argument("--interval", default=None, help="guidance interval lo,hi in t (default 0,1)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None, help="model compute (default fp32)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=None,
+                   help="model compute: auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--dtype", choices=tuple(INTEGRATION_DTYPES), default=None,
                    help="sampler integration dtype (default float64)")
     p.add_argument("--seed", type=int, default=0)

@@ -58,6 +58,7 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
     grids = [SampleRequest(r.index, _grid(r.size, m), r.label, r.seed) for r in requests]
     packs = plan_sample_packs(grids, tokens_per_pack, cfg=sampler.guided)
     device = device if device is not None else next(pipeline.net.parameters()).device
+    sampler = sampler.for_device(device)
     for pack in packs:
         x_ND = sample_pack(pipeline.model_fn(sampler.precision), pack, pipeline.token_dim, device=device,
                            method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,

@@ -75,6 +75,8 @@ def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *,
                      save_png: bool = True, progress: bool = False, source: str | None = None) -> Path:
     """Make this rank's missing images of one setting; rank 0 then writes the npz. Returns the npz path."""
     folder.mkdir(parents=True, exist_ok=True)
+    device = next(pipeline.net.parameters()).device
+    setting = dataclasses.replace(setting, sampler=setting.sampler.for_device(device))  # provenance: what really runs
     h, w = setting.size
     npz = folder / f"samples_{num}x{h}x{w}x3.npz"
     check_provenance(folder, provenance(pipeline, setting, seed, source), ranks.is_main)

@@ -26,6 +26,7 @@ from nit_lightning.data.sizes import format_size, parse_size
 from nit_lightning.diffusion.sampling import METHODS
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model compute (autocast)
+AUTO_PRECISION = {"cuda": "bf16"}  # "auto": bf16 autocast on a GPU (tensor cores), fp32 elsewhere
 INTEGRATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}  # the sampler's state
 KEY_ALIASES = {"cfg": "cfg_scale", "interval": "cfg_interval"}
 NOTE_KEYS = ("published", "paper")
@@ -51,7 +52,7 @@ class SamplerSettings:
     steps: int = 50  # NFE: euler / sde = steps, heun = 2·steps − 1 (×2 inside the guidance interval)
     cfg_scale: float = 1.0  # 1 = no guidance
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi
-    precision: str = "fp32"  # model compute: fp32 | bf16 | fp16 (autocast)
+    precision: str = "auto"  # model compute: auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16 (autocast)
     dtype: str = "float64"  # integration dtype of the sampler state
 
     def __post_init__(self) -> None:
@@ -63,13 +64,19 @@ class SamplerSettings:
                              f"{self.method}")
         if not math.isfinite(float(self.cfg_scale)):
             raise ValueError(f"cfg scale {self.cfg_scale} is not a finite number")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision {self.precision!r} is not one of {['auto', *PRECISIONS]}")
         if self.dtype not in INTEGRATION_DTYPES:
             raise ValueError(f"integration dtype {self.dtype!r} is not one of {list(INTEGRATION_DTYPES)}")
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
         object.__setattr__(self, "cfg_interval", parse_interval(self.cfg_interval))
+
+    def for_device(self, device: torch.device | str) -> "SamplerSettings":
+        """These settings with precision "auto" resolved for the device (what provenance records and the model runs)."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(self, precision=AUTO_PRECISION.get(torch.device(device).type, "fp32"))
 
     @property
     def integration_dtype(self) -> torch.dtype:
