@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.shards import write_latent_shards
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.data.shards import ShardReadError
 from nit_lightning.models.patching import patchify
-
-from helpers.shards import write_latent_shards
 
 CHANNELS = 4
 SETTINGS = {"latent_channels": CHANNELS, "codec": {"name": "pixel", "factor": 1}}

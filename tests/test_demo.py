@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from nit_lightning.cli.demo import load_config, run_demo
-from nit_lightning.cli.demo_steps import Demo, fill
 from nit_lightning.cli.demo_report import size_kind
+from nit_lightning.cli.demo_steps import Demo, fill
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEMO, QUICK = EXPERIMENTS / "demo.yaml", EXPERIMENTS / "demo_quick.yaml"

@@ -8,8 +8,13 @@ import pytest
 import torch
 from scipy import linalg
 
-from nit_lightning.evaluation.metrics import (ADMFeatureStats, frechet_distance, inception_score, knn_radii,
-                                              precision_recall)
+from nit_lightning.evaluation.metrics import (
+    ADMFeatureStats,
+    frechet_distance,
+    inception_score,
+    knn_radii,
+    precision_recall,
+)
 
 
 def _random_stats(rng: np.random.Generator, dim: int, n: int = 64):

@@ -6,10 +6,9 @@ import time
 import numpy as np
 import pytest
 
+from helpers.packs import as_lists, lpfhp
 from nit_lightning.data.lengths import FIXED_256_TOKENS, FIXED_512_TOKENS, native_tokens, recipe_lengths
 from nit_lightning.data.packing import StreamingPacker, lpfhp_flat, pack_histogram, packing_efficiency
-
-from helpers.packs import as_lists, lpfhp
 
 
 def check_packs(packs: list[list[int]], lengths, max_tokens: int, max_per_pack: int | None = None) -> None:

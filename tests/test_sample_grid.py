@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from nit_lightning.data.codecs import PixelCodec
-from nit_lightning.models import build_nit
 from nit_lightning.generation.settings import SamplerSettings
+from nit_lightning.models import build_nit
 from nit_lightning.training.sample_grid import SampleGridCallback, make_grid
 
 

@@ -6,10 +6,14 @@ import torch
 
 from nit_lightning.data.sizes import parse_size, parse_sizes, validate_size
 from nit_lightning.diffusion.sampling import (
-    SampleRequest, StackedGenerator, derive_seed, per_sample_noise, plan_sample_packs, sample, sample_pack,
+    SampleRequest,
+    StackedGenerator,
+    derive_seed,
+    per_sample_noise,
+    plan_sample_packs,
+    sample,
+    sample_pack,
 )
-
-
 
 # x0 ~ N(m, s²) per channel; x_t = (1−t)x0 + tε is Gaussian with mean (1−t)m and variance σ² = (1−t)²s² + t².
 # Cov(x0, x_t) = (1−t)s², Cov(ε, x_t) = t, so E[x0|x_t] = m + (1−t)s²/σ²·(x_t − (1−t)m), E[ε|x_t] = t/σ²·(x_t − (1−t)m)

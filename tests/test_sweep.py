@@ -11,10 +11,11 @@ import yaml
 
 from nit_lightning.cli import evaluate as evaluate_cmd
 from nit_lightning.cli import sweep as sweep_cmd
+from nit_lightning.evaluation.arrays import nhwc_to_tensor
+from nit_lightning.evaluation.evaluate import evaluate_samples
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
 from nit_lightning.evaluation.features import load_feature_extractor
-from nit_lightning.evaluation.reference import Reference, nhwc_to_tensor, save_reference
-from nit_lightning.evaluation.evaluate import evaluate_samples
+from nit_lightning.evaluation.reference import Reference, save_reference
 from nit_lightning.evaluation.sweep import run_sweep
 from nit_lightning.generation.settings import load_sweep
 
@@ -200,3 +201,27 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     assert cb.last_results["8x8"]["num_samples"] == 6
     with pytest.raises(FileNotFoundError, match="16x16.npz"):
         EvaluationCallback(str(tmp_path / "refs"), settings=[{**setting, "size": "16x16"}]).setup(trainer, module, "fit")
+
+
+def test_evaluate_user_errors_are_one_line(tmp_path, features, capsys):
+    """Bad inputs name the file and what is wrong, exit 2, no traceback (issue 13)."""
+    _reference(tmp_path / "ref.npz", features, 16, 16)
+    np.savez(tmp_path / "s.npz", arr_0=_images(8, 16, 16, 1))
+    (tmp_path / "text.npz").write_text("not an archive")
+    ref = dict(np.load(tmp_path / "ref.npz"))
+    ref["sigma"] = ref["sigma"] * np.nan
+    np.savez(tmp_path / "nan_ref.npz", **ref)
+    (tmp_path / "pngs").mkdir()
+    (tmp_path / "pngs" / "000000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    base = ["--features", features, "--device", "cpu"]
+    cases = {
+        "is not a readable .npz": ["--samples", str(tmp_path / "text.npz"), "--ref", str(tmp_path / "ref.npz")],
+        "hold NaN or Inf": ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "nan_ref.npz")],
+        "--batch-size must be >= 1": ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"),
+                                      "--batch-size", "0"],
+        "000000.png": ["--samples", str(tmp_path / "pngs"), "--ref", str(tmp_path / "ref.npz")],
+    }
+    for message, argv in cases.items():
+        assert evaluate_cmd.main(argv + base) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err)

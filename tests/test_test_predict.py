@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
+from nit_lightning.cli.lightning import main as cli_main
+from nit_lightning.cli.lightning import run_cli
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.diffusion.flow import FlowMatchingLoss
 from nit_lightning.models import build_nit
-from nit_lightning.cli.lightning import main as cli_main, run_cli
-from helpers.fit import fit_args
-from helpers.shards import write_latent_shards
 
 
 def test_per_image_loss_matches_each_image_alone_in_token_weighting():

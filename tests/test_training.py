@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.fit import fit_args
+from helpers.shards import write_latent_shards
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.training.module import NiTModule, step_seed
 
-from helpers.fit import fit_args
-from helpers.shards import write_latent_shards
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
@@ -81,8 +81,8 @@ def test_warmup_is_linear_then_constant():
 
 @pytest.mark.slow
 def test_fit_on_real_datamodule_writes_meta_and_ema(shards, tmp_path, monkeypatch):
-    from nit_lightning.training.callbacks import ThroughputMonitor
     from nit_lightning.cli.lightning import run_cli
+    from nit_lightning.training.callbacks import ThroughputMonitor
 
     monkeypatch.chdir(tmp_path)
     cli = run_cli(fit_args(shards, max_steps=3), trainer_defaults={"callbacks": [ThroughputMonitor(window=1, peak_flops=1e12)]})
@@ -156,9 +156,9 @@ def test_grad_norm_guard_raises_on_nonfinite_gradients():
 
 @pytest.mark.slow
 def test_validation_runs_with_ema_weights_and_restores_live_ones(shards, tmp_path, monkeypatch):
-    from nit_lightning.cli.lightning import run_cli
-
     from lightning.pytorch import Callback
+
+    from nit_lightning.cli.lightning import run_cli
 
     class SeenInValidation(Callback):
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):

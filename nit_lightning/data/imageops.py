@@ -160,6 +160,20 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
     return image, conversions
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """A fully decoded RGB image (no EXIF rotation, no conversion report); a broken file is a BadImage naming it."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")  # convert decodes: truncated or corrupt data fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImage("unreadable", f"{path}: {type(error).__name__}: {error}") from error
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 of an image file (see open_rgb)."""
+    return np.asarray(open_rgb(path), dtype=np.uint8)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]: x = uint8 / 127.5 − 1."""
     array = np.asarray(image, dtype=np.uint8)

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nit_lightning.data.imageops import image_to_tensor, open_rgb
 from nit_lightning.data.listing import list_images
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,7 @@ class TinyAETrainSettings:
 
 
 def _load_images(files: list[Path]) -> list[torch.Tensor]:
-    from PIL import Image
-
-    images = []
-    for path in files:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)  # (3, H, W) in [-1, 1]
-    return images
+    return [image_to_tensor(open_rgb(path)) for path in files]  # (3, H, W) in [-1, 1]
 
 
 def _crops(images: list[torch.Tensor], count: int, crop: int, gen: torch.Generator) -> torch.Tensor:

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from nit_lightning import distributed
+from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import format_size
+from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
 from nit_lightning.evaluation.features import FeatureExtractor, is_reference_grade
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
-from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, nhwc_to_tensor, reference_pool
+from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.settings import SweepSetting
@@ -29,18 +31,14 @@ def iter_sample_batches(path: str | Path, batch_size: int = 64) -> tuple[Iterato
     """A sample set (ADM npz with arr_0 NHWC uint8, or a folder of PNGs) -> (batches, count, (H, W))."""
     path = Path(path)
     if path.is_dir():
-        from PIL import Image
-
         files = list_images(path)
-        with Image.open(files[0]) as im:
-            size = (im.height, im.width)
+        size = read_rgb(files[0]).shape[:2]
 
         def folder_batches() -> Iterator[np.ndarray]:
             for start in range(0, len(files), batch_size):
                 arrays = []
                 for f in files[start:start + batch_size]:
-                    with Image.open(f) as im:
-                        a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                    a = read_rgb(f)
                     if a.shape[:2] != size:
                         raise ValueError(f"sample {f} is {a.shape[0]}x{a.shape[1]} but {files[0].name} is "
                                          f"{size[0]}x{size[1]}: a sample set must have one size")
@@ -50,7 +48,7 @@ def iter_sample_batches(path: str | Path, batch_size: int = 64) -> tuple[Iterato
         return folder_batches(), len(files), size
     if not path.is_file():
         raise FileNotFoundError(f"samples {str(path)!r} not found (an ADM .npz with arr_0, or a folder of PNGs)")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "ADM samples with arr_0") as data:
         if "arr_0" not in data.files:
             raise KeyError(f"{str(path)!r} has no arr_0 (keys {data.files}); expected ADM samples (N, H, W, 3) uint8")
         images = data["arr_0"]

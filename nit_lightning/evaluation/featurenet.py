@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.listing import list_labelled_images
+from nit_lightning.evaluation.arrays import open_npz
 from nit_lightning.evaluation.inception import tf1_resize
 
 log = logging.getLogger(__name__)
@@ -133,10 +135,7 @@ def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
 
 
 def _load_uint8(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)
 
 
 def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10, size: int = 64,
@@ -256,7 +255,7 @@ def labelled_images(images: ImageSet, labels: np.ndarray | Sequence[int] | None)
     """Batches of uint8 (n, 3, H, W) in order, and the labels, from an ADM npz (arr_0 NHWC; labels default to
     arr_1), an NHWC uint8 array, an (N, 3, H, W) uint8 tensor or a list of (3, H, W) uint8 tensors of any sizes."""
     if isinstance(images, (str, Path)):
-        with np.load(images, allow_pickle=False) as data:
+        with open_npz(images, "ADM samples with arr_0 and arr_1") as data:
             if labels is None and "arr_1" not in data:
                 raise ValueError(f"{str(images)!r} has no arr_1 (labels); pass labels")
             labels = data["arr_1"] if labels is None else labels

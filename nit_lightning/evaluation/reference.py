@@ -21,8 +21,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from nit_lightning.data.imageops import open_rgb
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import format_size
+from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
 from nit_lightning.evaluation.features import FeatureExtractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats
 
@@ -76,10 +78,13 @@ def load_reference(path: str | Path, *, load_images: bool = True) -> Reference:
     if not path.is_file():
         raise FileNotFoundError(f"reference batch {str(path)!r} not found; build one with `python -m nit_lightning "
                                 "reference build --images DIR --size HxW --out REF.npz` or download ADM's")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "an ADM reference batch") as data:
         missing = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if key not in data.files]
         if missing:
             raise KeyError(f"{str(path)!r} lacks {missing}: not an ADM reference batch (keys {data.files})")
+        broken = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if not np.isfinite(data[key]).all()]
+        if broken:
+            raise ValueError(f"reference {str(path)!r}: {broken} hold NaN or Inf; rebuild it with `reference build`")
         meta = json.loads(str(data[META_KEY])) if META_KEY in data.files else {}
         if not meta:
             log.warning("%s has no %s record: assuming a public ADM batch made with %s", path, META_KEY,
@@ -109,10 +114,7 @@ def fit_to_size(image: "Image.Image", height: int, width: int) -> np.ndarray:  #
 
 
 def _load_fit(path: Path, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return fit_to_size(im, height, width)
+    return fit_to_size(open_rgb(path), height, width)
 
 
 def iter_folder_batches(files: list[Path], size: tuple[int, int], batch_size: int = 64,
@@ -122,13 +124,6 @@ def iter_folder_batches(files: list[Path], size: tuple[int, int], batch_size: in
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             yield np.stack(list(pool.map(lambda p: _load_fit(p, *size), chunk)))
-
-
-def nhwc_to_tensor(images_NHW3: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 array -> (N, 3, H, W) uint8 tensor."""
-    if images_NHW3.dtype != np.uint8 or images_NHW3.ndim != 4 or images_NHW3.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images_NHW3.dtype} {images_NHW3.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images_NHW3)).permute(0, 3, 1, 2)
 
 
 def build_reference(images_dir: str | Path, size: tuple[int, int], extractor: FeatureExtractor, *,

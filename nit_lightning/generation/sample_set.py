@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from nit_lightning import distributed
+from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.sizes import format_size, validate_size
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline, load_pipeline
@@ -178,10 +179,7 @@ def write_png(image_3HW: torch.Tensor, path: Path) -> None:
 
 
 def read_png(path: Path, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"))
+    array = read_rgb(path)
     if array.shape != (size[0], size[1], 3):
         raise ValueError(f"{path} is {array.shape[0]}x{array.shape[1]}, expected {format_size(size)}; delete it to "
                          "regenerate")
@@ -204,7 +202,14 @@ def write_adm_npz(path: Path, folder: Path, n: int, size: tuple[int, int], label
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=not enabled)

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity), matched against the CUDA device name.

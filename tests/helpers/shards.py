@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 
 from nit_lightning.data.codecs import PixelCodec
