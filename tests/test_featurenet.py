@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from nit_lightning.cli import featurenet as featurenet_cmd
+from nit_lightning.evaluation.extractors import load_feature_extractor
 from nit_lightning.evaluation.featurenet import (
     FeatureNet,
     FeatureNetConfig,
@@ -14,7 +15,6 @@ from nit_lightning.evaluation.featurenet import (
     save_featurenet,
     train_featurenet,
 )
-from nit_lightning.evaluation.features import load_feature_extractor
 
 
 def write_two_colour_folder(root, per_class: int = 16, seed: int = 0) -> None:

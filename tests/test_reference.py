@@ -11,8 +11,8 @@ from PIL import Image
 from nit_lightning.cli import reference as reference_cmd
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import parse_size
+from nit_lightning.evaluation.extractors import BatchedExtractor, load_feature_extractor
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
-from nit_lightning.evaluation.features import BatchedExtractor, load_feature_extractor
 from nit_lightning.evaluation.reference import (
     Reference,
     build_reference,

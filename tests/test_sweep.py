@@ -13,8 +13,8 @@ from nit_lightning.cli import evaluate as evaluate_cmd
 from nit_lightning.cli import sweep as sweep_cmd
 from nit_lightning.evaluation.arrays import nhwc_to_tensor
 from nit_lightning.evaluation.evaluate import evaluate_samples
+from nit_lightning.evaluation.extractors import load_feature_extractor
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
-from nit_lightning.evaluation.features import load_feature_extractor
 from nit_lightning.evaluation.reference import Reference, save_reference
 from nit_lightning.evaluation.sweep import run_sweep
 from nit_lightning.generation.settings import load_sweep

@@ -127,7 +127,7 @@ class Demo:
 
     def extractors(self, featurenet: Path) -> dict[str, Any]:
         """The demo feature net always; the FID Inception too when NIT_INCEPTION_WEIGHTS names a local file."""
-        from nit_lightning.evaluation.features import load_feature_extractor
+        from nit_lightning.evaluation.extractors import load_feature_extractor
 
         out = {"featurenet": load_feature_extractor(f"featurenet:{featurenet}", batch_size=128)}
         weights = os.environ.get(INCEPTION_ENV)

@@ -12,7 +12,7 @@ from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
 from nit_lightning.evaluation.evaluate import evaluate_samples
-from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
+from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
 from nit_lightning.data.sizes import parse_size
-from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
+from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.reference import PROTOCOL, build_reference, load_reference, save_reference
 
 

@@ -10,7 +10,7 @@ import torch
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
-from nit_lightning.evaluation.features import SPEC_HELP, load_feature_extractor
+from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.sweep import run_sweep
 from nit_lightning.generation.pipeline import load_pipeline
 from nit_lightning.generation.settings import load_sweep

@@ -17,7 +17,7 @@ from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import format_size
 from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
-from nit_lightning.evaluation.features import FeatureExtractor, is_reference_grade
+from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.images import class_balanced, generate

@@ -25,7 +25,7 @@ from nit_lightning.data.imageops import open_rgb
 from nit_lightning.data.listing import list_images
 from nit_lightning.data.sizes import format_size
 from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
-from nit_lightning.evaluation.features import FeatureExtractor
+from nit_lightning.evaluation.extractors import FeatureExtractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats
 
 log = logging.getLogger(__name__)

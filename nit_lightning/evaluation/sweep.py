@@ -19,7 +19,7 @@ import torch
 
 from nit_lightning import distributed
 from nit_lightning.evaluation.evaluate import NOT_INCEPTION, evaluate_samples
-from nit_lightning.evaluation.features import FeatureExtractor, is_reference_grade
+from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
 from nit_lightning.generation.settings import Sweep, SweepSetting

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from nit_lightning import distributed
 from nit_lightning.data.codecs import Codec
 from nit_lightning.evaluation.evaluate import sample_feature_stats
-from nit_lightning.evaluation.features import FeatureExtractor, load_feature_extractor
+from nit_lightning.evaluation.extractors import FeatureExtractor, load_feature_extractor
 from nit_lightning.evaluation.metrics import compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.settings import Sweep, load_sweep, setting_from_dict
