@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.inception import random_inception
 from nit_lightning.evaluation import inception as inc
 
 SHARED_LAYOUT = Path("/work/shared/inception_layout.json")
@@ -18,7 +19,7 @@ LAYOUT_SHA256 = "a7a15da1ed154b7574faa006bd5c8ac6ff96d0d5f879ca050475348d2a4368d
 
 @pytest.fixture(scope="module")
 def net() -> inc.FIDInceptionV3:
-    return inc.random_inception(0)
+    return random_inception(0)
 
 
 def _layout(model: torch.nn.Module) -> list:
@@ -124,7 +125,7 @@ def test_preprocess_scale_and_fid_pooling_variants(net):
 
 
 def test_float64_option_agrees_with_float32(net):
-    net64 = inc.random_inception(0, compute_dtype=torch.float64)
+    net64 = random_inception(0, compute_dtype=torch.float64)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     a, b = net(images), net64(images)
     assert b["pool"].dtype == torch.float64
