@@ -111,6 +111,7 @@ class NiTModule(LightningModule):
             P_mean=P_mean, P_std=P_std, direction_weight=direction_weight, reduction=reduction,
             repa_weight=repa_weight, repa_layer=repa_layer if repa_weight > 0 else None,
             on_nonfinite="report",  # the module decides: raise with step and keys, or skip loudly
+            patch_size=self.net.config.patch_size,  # the direction term is a cosine per latent pixel
         )
         self.skipped_steps = 0
         self._configured = False
