@@ -19,6 +19,8 @@ from helpers.shards import write_latent_shards
 from nit_lightning.training.fault_tolerance import (
     EXIT_OK,
     EXIT_REQUEUE,
+    AdoptLastCheckpoint,
+    CorruptCheckpointError,
     RequeueExit,
     RequeueOnSignal,
     apply_auto_resume,
@@ -117,6 +119,70 @@ def test_apply_auto_resume(tmp_path):
     assert apply_auto_resume(None, ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
     assert apply_auto_resume("last", ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
     assert apply_auto_resume(str(explicit), ckpt_dir) == str(explicit)
+
+
+def test_every_checkpoint_damaged_fails_loudly_naming_them(tmp_path):
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    (tmp_path / "step=000004.ckpt").write_bytes(b"garbage")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # used to log "no checkpoint in DIR, starting from scratch" and train from step 0 with rc 0
+    with pytest.raises(CorruptCheckpointError, match=r"every checkpoint .* damaged: last.ckpt \(does not load.*"
+                                                     r"step=000004.ckpt .*NIT_FRESH_START=1"):
+        apply_auto_resume(None, tmp_path, repair=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # refused: nothing touched
+    with pytest.raises(FileNotFoundError, match="damaged: last.ckpt"):
+        apply_auto_resume("last", tmp_path)
+
+
+def test_fresh_start_over_damaged_checkpoints_is_explicit_and_moves_them_aside(tmp_path):
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    (tmp_path / "step=000004.ckpt").write_bytes(b"garbage")
+    assert apply_auto_resume(None, tmp_path, fresh_start=True, repair=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt.corrupt", "step=000004.ckpt.corrupt"]
+    assert apply_auto_resume(None, tmp_path) is None  # an empty directory is still a plain fresh start
+
+
+def test_damaged_or_stale_last_is_replaced_by_the_newest_valid_checkpoint(tmp_path):
+    step4 = _fake_ckpt(tmp_path / "step=000004.ckpt", 4)
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    assert apply_auto_resume(None, tmp_path, repair=True) == str(step4)
+    last = tmp_path / "last.ckpt"
+    assert last.read_bytes() == step4.read_bytes()  # last.ckpt is the newest valid state again, at once
+    assert (tmp_path / "last.ckpt.corrupt").exists() and not (tmp_path / "last.ckpt.tmp").exists()
+    assert apply_auto_resume(None, tmp_path, repair=True) == str(last)  # tie on step 4: last.ckpt, nothing to do
+
+    root = tmp_path / "root"
+    root.mkdir()
+    hpc = _fake_ckpt(root / "hpc_ckpt_1.ckpt", 9)  # valid but newer than last.ckpt
+    assert apply_auto_resume(None, tmp_path, extra_dirs=[root], repair=True) == str(hpc)
+    assert torch.load(last, weights_only=True)["global_step"] == 9
+    assert apply_auto_resume(None, tmp_path, extra_dirs=[root]) == str(last)
+
+
+def test_only_hpc_names_count_in_extra_dirs(tmp_path):
+    ckpt_dir, root = tmp_path / "ckpt", tmp_path / "root"
+    ckpt_dir.mkdir(), root.mkdir()
+    _fake_ckpt(root / "downloaded.ckpt", 50)  # someone's file in the working directory: not this run's
+    (root / "broken.ckpt").write_bytes(b"half a download")
+    assert apply_auto_resume(None, ckpt_dir, extra_dirs=[root]) is None
+
+
+def test_resume_from_a_step_checkpoint_keeps_writing_last_ckpt(tmp_path, no_slurm):
+    """A damaged last.ckpt and a step checkpoint saved before any `last`: the next save must replace last.ckpt."""
+    def trainer(max_steps: int) -> Trainer:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+        return Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False,
+                       callbacks=[checkpoint, AdoptLastCheckpoint(tmp_path / "ckpt")])
+
+    trainer(2).fit(_StepSeeded())
+    ckpt = tmp_path / "ckpt"
+    _truncate(ckpt / "last.ckpt")
+    resume = apply_auto_resume(None, ckpt, repair=True)
+    assert resume == str(ckpt / "epoch=0-step=2.ckpt")
+    trainer(4).fit(_StepSeeded(), ckpt_path=resume)
+    assert sorted(p.name for p in ckpt.glob("last*")) == ["last.ckpt", "last.ckpt.corrupt"]  # never last-v1.ckpt
+    assert torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
 def test_slurm_job_id_of_arrays(monkeypatch):
