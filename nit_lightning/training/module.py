@@ -89,6 +89,8 @@ class NiTModule(LightningModule):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not lr > 0:
+            raise ValueError(f"model.lr={lr} must be > 0")
         self.net = build_nit(net.pop("name"), **net)
 
         self.repa_encoder_path = repa_encoder
