@@ -309,8 +309,7 @@ def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     args = [
         "fit", "--config", str(REPO / "experiments" / "debug.yaml"),
         "--data.sources", f'[{{"path": "{shards}", "weight": 1.0}}]', "--data.tokens_per_pack", "128",
-        "--trainer.max_steps", "10", "--trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal",
-        *extra,
+        "--trainer.max_steps", "10", *extra,  # debug.yaml carries RequeueOnSignal
     ]
     log_file = open(cwd / "fit.log", "ab")
     # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
@@ -361,3 +360,71 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
     for index, state in a["optimizer"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
+
+
+# ---- a plain `fit` stopped by SIGTERM: save first, exit non-zero ------------------------------------------------------
+CALLBACKS_WITHOUT_REQUEUE = """
+trainer:
+  callbacks:
+    - class_path: nit_lightning.training.ema.EMA
+      init_args: {decay: 0.9}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpt, every_n_train_steps: 1000, save_last: true}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: marks, every_n_train_steps: 1, save_top_k: -1}
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_config_without_requeue_saves_and_exits_non_zero(tmp_path):
+    """A user config without RequeueOnSignal: Lightning alone exited 0 and lost every step since the last periodic
+    checkpoint (here: all of them). The CLI adds the callback, so the stop saves last.ckpt and exits 75."""
+    import time
+
+    from helpers.fit import fit_args
+
+    shards = tmp_path / "shards"
+    write_latent_shards(shards)
+    (tmp_path / "callbacks.yaml").write_text(CALLBACKS_WITHOUT_REQUEUE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NIT_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = fit_args(shards, max_steps=10_000) + ["--config", "callbacks.yaml"]
+    with open(tmp_path / "fit.log", "wb") as log_file:
+        run = subprocess.Popen([sys.executable, "-m", "nit_lightning", *args], cwd=tmp_path, env=env, stdout=log_file,
+                               stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not list((tmp_path / "marks").glob("*step=3*.ckpt")) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(300)
+    log = (tmp_path / "fit.log").read_text()
+    assert code == EXIT_REQUEUE, log[-3000:]
+    assert "RequeueOnSignal added (the config has none)" in log
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert saved >= 3, saved
+
+
+def test_requeue_on_signal_is_added_once_and_never_twice(tmp_path):
+    from nit_lightning.training.fault_tolerance import ensure_requeue_on_signal
+
+    trainer = _trainer(tmp_path, [])
+    added = ensure_requeue_on_signal(trainer)
+    assert [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)] == [added]
+    assert ensure_requeue_on_signal(trainer) is added  # the config's own is kept
+    trainer.callbacks.append(RequeueOnSignal())
+    with pytest.raises(ValueError, match="2 times.*drop --trainer.callbacks\\+="):
+        ensure_requeue_on_signal(trainer)
+
+
+def test_sigterm_before_training_exits_143_in_one_line(monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import nit_lightning.cli.lightning as lightning_cli
+
+    def stopped(argv):
+        raise SIGTERMException  # what Lightning's handler raises when SIGTERM comes before RequeueOnSignal's is on
+
+    monkeypatch.setattr(lightning_cli, "run_cli", stopped)
+    assert lightning_cli.main(["fit"]) == lightning_cli.EXIT_SIGTERM == 143  # SIGTERMException alone exits 0
+    assert capsys.readouterr().err.strip() == "python -m nit_lightning fit: stopped by SIGTERM before training " \
+                                               "started; nothing was saved"

@@ -45,8 +45,10 @@ class NiTCLI(LightningCLI):
     def before_fit(self) -> None:
         # Requeued jobs resume by themselves: pin the checkpoint dir ($NIT_CKPT_DIR or the ModelCheckpoint's) and turn
         # ckpt_path None/"last" into the newest valid checkpoint there. NIT_AUTO_RESUME=0 turns it off (docs/slurm.md).
-        from nit_lightning.training.fault_tolerance import auto_resume_for_cli
+        # A stop by signal saves last.ckpt and exits 75 (or requeues): one RequeueOnSignal, the config's or a default.
+        from nit_lightning.training.fault_tolerance import auto_resume_for_cli, ensure_requeue_on_signal
 
+        ensure_requeue_on_signal(self.trainer)
         auto_resume_for_cli(self)
 
     def after_fit(self) -> None:

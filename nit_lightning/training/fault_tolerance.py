@@ -358,6 +358,25 @@ def auto_resume_for_cli(cli: Any) -> str | None:
     return resolved
 
 
+def ensure_requeue_on_signal(trainer: Trainer) -> "RequeueOnSignal":
+    """Exactly one RequeueOnSignal in the trainer: the configs' own, else a default one added (logged).
+
+    Without it Lightning's SIGTERM handler stops a `fit` mid-epoch with exit code 0 and nothing saved since the last
+    periodic checkpoint. Two would each install handlers and race for the flag: refused, naming the usual cause.
+    """
+    found = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
+    if len(found) > 1:
+        raise ValueError(f"RequeueOnSignal is in the trainer's callbacks {len(found)} times: the experiment configs carry "
+                         "it now, so drop --trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal")
+    if found:
+        return found[0]
+    callback = RequeueOnSignal()
+    trainer.callbacks.append(callback)
+    rank_zero_info(f"RequeueOnSignal added (the config has none): SIGUSR1/SIGTERM save last.ckpt, then exit "
+                   f"{EXIT_REQUEUE} or requeue")
+    return callback
+
+
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` wants: `<array job>_<task>` inside an array, else SLURM_JOB_ID."""
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
