@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -49,7 +50,37 @@ class NiTCLI(LightningCLI):
         from nit_lightning.training.fault_tolerance import auto_resume_for_cli, ensure_requeue_on_signal
 
         ensure_requeue_on_signal(self.trainer)
-        auto_resume_for_cli(self)
+        resolved = auto_resume_for_cli(self)
+        # A resume continues the run that wrote the checkpoint: refuse another net or model settings, warn on other
+        # data or a finished run; then record this run's data in every checkpoint it writes (training/provenance.py).
+        from nit_lightning.training.provenance import RecordRunInputs, check_resume
+
+        data = self._subconfig().get("data")
+        if resolved and Path(resolved).exists():
+            check_resume(resolved, self.model, data, max_steps=self.trainer.max_steps)
+        self.trainer.callbacks.append(RecordRunInputs(data))
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model by the --ckpt_path's hyper-parameters, silently dropping `--model.*`.
+
+        `fit` keeps the config's model, and `before_fit` refuses a checkpoint trained with other settings; validate,
+        test and predict keep Lightning's rule (they evaluate the checkpoint's model) and say which values it replaced.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from nit_lightning.training.fault_tolerance import read_checkpoint_header
+            from nit_lightning.training.provenance import describe, differences
+
+            saved = dict(read_checkpoint_header(ckpt_path).get("hyper_parameters") or {})
+            replaced = differences(saved, self.config[subcommand].get("model") or {},
+                                   skip=frozenset({"latent_channels", "_instantiator", "_class_path"}))
+            if replaced:
+                log.warning("%s: the model is built from %s's hyper-parameters, which replace the config's %s",
+                            subcommand, ckpt_path, describe(replaced, "model."))
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         # Lightning logs "No training batches" and returns: without this, an empty dataset exits 0 with no checkpoint.
