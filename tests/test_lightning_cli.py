@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.fit import REPO, fit_args
 from helpers.shards import write_latent_shards
@@ -108,3 +109,17 @@ def test_fit_over_only_damaged_checkpoints_refuses_unless_told_to_start_anew(sha
     monkeypatch.setenv("NIT_FRESH_START", "1")
     assert main(fit_args(shards, max_steps=1)) == 0
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "last.ckpt.corrupt"]
+
+
+def test_fit_over_a_damaged_last_ckpt_keeps_last_ckpt_the_newest_valid_state(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "every2.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {dirpath: ckpt, every_n_train_steps: 2, save_last: true, save_top_k: -1}\n")
+    assert main(fit_args(shards, max_steps=2) + ["--config", "every2.yaml"]) == 0
+    last = tmp_path / "ckpt" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # a save cut short
+    # used to resume from epoch=0-step=2.ckpt and write last-v1.ckpt beside the broken last.ckpt, which stayed
+    assert main(fit_args(shards, max_steps=4) + ["--config", "every2.yaml"]) == 0
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt", "last.ckpt.corrupt"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
