@@ -159,6 +159,22 @@ def test_damaged_or_stale_last_is_replaced_by_the_newest_valid_checkpoint(tmp_pa
     assert apply_auto_resume(None, tmp_path, extra_dirs=[root]) == str(last)
 
 
+def test_a_refused_checkpoint_leaves_the_directory_untouched(tmp_path):
+    _fake_ckpt(tmp_path / "step=000004.ckpt", 4)
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    seen = []
+
+    def refuse(path: str) -> None:  # the CLI's provenance check: e.g. another network than the config's
+        seen.append(path)
+        raise ValueError("trained with other settings")
+
+    with pytest.raises(ValueError, match="other settings"):
+        apply_auto_resume(None, tmp_path, repair=True, check=refuse)
+    assert seen == [str(tmp_path / "step=000004.ckpt")]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_only_hpc_names_count_in_extra_dirs(tmp_path):
     ckpt_dir, root = tmp_path / "ckpt", tmp_path / "root"
     ckpt_dir.mkdir(), root.mkdir()

@@ -49,15 +49,14 @@ class NiTCLI(LightningCLI):
         # A stop by signal saves last.ckpt and exits 75 (or requeues): one RequeueOnSignal, the config's or a default.
         from nit_lightning.training.fault_tolerance import auto_resume_for_cli, ensure_requeue_on_signal
 
-        ensure_requeue_on_signal(self.trainer)
-        resolved = auto_resume_for_cli(self)
-        # A resume continues the run that wrote the checkpoint: refuse another net or model settings, warn on other
-        # data or a finished run; then record this run's data in every checkpoint it writes (training/provenance.py).
+        # A resume continues the run that wrote the checkpoint: refuse another net or model settings (before the
+        # checkpoint directory is touched), warn on other data or a finished run; then record this run's data in
+        # every checkpoint it writes (training/provenance.py).
         from nit_lightning.training.provenance import RecordRunInputs, check_resume
 
         data = self._subconfig().get("data")
-        if resolved and Path(resolved).exists():
-            check_resume(resolved, self.model, data, max_steps=self.trainer.max_steps)
+        ensure_requeue_on_signal(self.trainer)
+        auto_resume_for_cli(self, check=lambda path: check_resume(path, self.model, data, self.trainer.max_steps))
         self.trainer.callbacks.append(RecordRunInputs(data))
 
     def _parse_ckpt_path(self) -> None:
@@ -71,11 +70,9 @@ class NiTCLI(LightningCLI):
             return
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            from nit_lightning.training.fault_tolerance import read_checkpoint_header
-            from nit_lightning.training.provenance import describe, differences
+            from nit_lightning.training.provenance import describe, differences, saved_hparams
 
-            saved = dict(read_checkpoint_header(ckpt_path).get("hyper_parameters") or {})
-            replaced = differences(saved, self.config[subcommand].get("model") or {},
+            replaced = differences(saved_hparams(ckpt_path), self.config[subcommand].get("model") or {},
                                    skip=frozenset({"latent_channels", "_instantiator", "_class_path"}))
             if replaced:
                 log.warning("%s: the model is built from %s's hyper-parameters, which replace the config's %s",

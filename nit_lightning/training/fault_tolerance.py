@@ -20,7 +20,7 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -194,6 +194,7 @@ def apply_auto_resume(
     extra_dirs: Sequence[str | Path] = (),
     fresh_start: bool = False,
     repair: bool = False,
+    check: Callable[[str], None] | None = None,
 ) -> str | None:
     """The ckpt_path to pass to `trainer.fit`: an explicit path wins; "last" or None resolve to the newest valid one.
 
@@ -202,10 +203,13 @@ def apply_auto_resume(
     silent restart from step 0 would throw the run away) unless `fresh_start` (NIT_FRESH_START=1) says to start anew.
     `repair` (rank 0 only) then makes the directory consistent: damaged files are moved aside as `<name>.corrupt`,
     and a last.ckpt that is not the newest valid state is replaced by a copy of the checkpoint resumed from.
+    `check(path)` runs on the checkpoint found (or given) before anything is repaired: it may refuse by raising.
     """
     if ckpt_path_arg not in (None, "last"):
         if not Path(ckpt_path_arg).exists() and ckpt_path_arg not in ("best", "hpc"):
             raise FileNotFoundError(f"--ckpt_path {ckpt_path_arg!r} does not exist; pass an existing file or 'last'")
+        if check is not None and Path(ckpt_path_arg).exists():
+            check(ckpt_path_arg)
         return ckpt_path_arg
     if ckpt_dir is None:
         if ckpt_path_arg == "last":
@@ -222,6 +226,8 @@ def apply_auto_resume(
             f"and nothing was changed. Restore a good copy, or set {FRESH_START_ENV}=1 to train from step 0 (the "
             "damaged files are then moved aside as <name>.corrupt)"
         )
+    if check is not None and scan.found is not None:
+        check(str(scan.found))
     if repair:
         repair_checkpoint_dir(Path(ckpt_dir), scan)
     if scan.found is None:
@@ -336,22 +342,25 @@ def _is_launch_rank_zero() -> bool:
     return distributed.from_environment().is_main
 
 
-def auto_resume_for_cli(cli: Any) -> str | None:
+def auto_resume_for_cli(cli: Any, check: Callable[[str], None] | None = None) -> str | None:
     """LightningCLI `before_fit` hook: pin the checkpoint dir and put the resolved `ckpt_path` into the fit config.
 
     Off when the environment sets NIT_AUTO_RESUME=0 (then `--ckpt_path` is used as given, NIT_CKPT_DIR still applies).
     NIT_FRESH_START=1 lets a directory whose checkpoints are all damaged start from step 0 (see `apply_auto_resume`).
+    `check(path)` vets the checkpoint to resume from before the directory is repaired (the CLI: provenance checks).
     """
     config = cli.config_init["fit"] if "fit" in cli.config_init else cli.config_init
     if os.environ.get("NIT_AUTO_RESUME", "1") == "0":
         pin_checkpoint_dir(cli.trainer, os.environ.get("NIT_CKPT_DIR") or None)
         log.info("NIT_AUTO_RESUME=0: auto-resume off, ckpt_path=%r", config.get("ckpt_path"))
+        if check is not None and config.get("ckpt_path") and Path(config.get("ckpt_path")).exists():
+            check(config.get("ckpt_path"))
         return config.get("ckpt_path")
     ckpt_dir = pin_checkpoint_dir(cli.trainer, os.environ.get("NIT_CKPT_DIR") or None)
     asked = config.get("ckpt_path")
     resolved = apply_auto_resume(asked, ckpt_dir, extra_dirs=[cli.trainer.default_root_dir],
                                  fresh_start=os.environ.get(FRESH_START_ENV, "0") == "1",
-                                 repair=asked in (None, "last") and _is_launch_rank_zero())
+                                 repair=asked in (None, "last") and _is_launch_rank_zero(), check=check)
     config["ckpt_path"] = resolved
     if asked in (None, "last"):
         cli.trainer.callbacks.append(AdoptLastCheckpoint(ckpt_dir))

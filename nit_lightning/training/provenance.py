@@ -44,7 +44,7 @@ def plain(value: Any) -> Any:
 
 def data_inputs(data: Any) -> dict[str, Any]:
     """The datamodule's init args that decide what is trained on; source paths made absolute, weights explicit."""
-    data = {k: v for k, v in plain(data).items() if k not in DATA_IGNORED}
+    data = {k: v for k, v in (plain(data) or {}).items() if k not in DATA_IGNORED}
     if isinstance(data.get("sources"), list):
         data["sources"] = [
             {**s, "path": os.path.realpath(os.path.expanduser(str(s["path"]))), "weight": float(s.get("weight", 1.0))}
@@ -62,6 +62,18 @@ def differences(saved: Any, now: Any, skip: frozenset[str] = frozenset()) -> dic
 
 def describe(diffs: Mapping[str, tuple[Any, Any]], prefix: str) -> str:
     return "; ".join(f"{prefix}{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
+
+
+def saved_hparams(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's `hyper_parameters` (memory-mapped: the weights are not read); {} when it has none or fails to load
+    (loading it for real then reports the damage)."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure here is reported by the load that follows
+        return {}
+    return dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
 
 
 class RecordRunInputs(Callback):
