@@ -442,5 +442,5 @@ def test_sigterm_before_training_exits_143_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(lightning_cli, "run_cli", stopped)
     assert lightning_cli.main(["fit"]) == lightning_cli.EXIT_SIGTERM == 143  # SIGTERMException alone exits 0
-    assert capsys.readouterr().err.strip() == "python -m nit_lightning fit: stopped by SIGTERM before training " \
-                                               "started; nothing was saved"
+    assert capsys.readouterr().err.strip() == "python -m nit_lightning fit: stopped by SIGTERM outside training " \
+                                               "(setup, validation, test, predict); nothing was saved"

@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 2 a user error, printed as one line `python -m nit_lightning <command>: error: <message>`
 (NIT_TRACEBACK=1 shows the traceback); 75 stopped by a signal after saving last.ckpt (RequeueOnSignal, docs/slurm.md);
-143 SIGTERM before training began (nothing to save yet); 1 any other failure, with its traceback.
+143 SIGTERM outside training (setup, or validate/test/predict: nothing to save); 1 any other failure, with its traceback.
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cli(argv)
     except SIGTERMException:
-        print(f"{prog}: stopped by SIGTERM before training started; nothing was saved", file=sys.stderr)
+        print(f"{prog}: stopped by SIGTERM outside training (setup, validation, test, predict); nothing was saved",
+              file=sys.stderr)
         return EXIT_SIGTERM
     except _user_errors() as error:
         if os.environ.get("NIT_TRACEBACK"):
