@@ -43,6 +43,9 @@ def test_config_parses_with_print_config(config, capsys):
         assert ema is not None and ema["decay"] == 0.9999
         checkpoint = callbacks["ModelCheckpoint"]
         assert (checkpoint["every_n_train_steps"], checkpoint["save_last"], checkpoint["save_top_k"]) == (2000, True, -1)
+    if config.stem in PAPER or config.stem == "debug":  # a stop by SIGTERM/SIGUSR1 saves last.ckpt first (exit 75)
+        paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+        assert paths.count("nit_lightning.training.fault_tolerance.RequeueOnSignal") == 1
         assert not any(str(s["path"]).startswith("/") for s in printed["data"]["sources"])  # relative defaults
 
 

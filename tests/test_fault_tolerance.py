@@ -19,6 +19,8 @@ from helpers.shards import write_latent_shards
 from nit_lightning.training.fault_tolerance import (
     EXIT_OK,
     EXIT_REQUEUE,
+    AdoptLastCheckpoint,
+    CorruptCheckpointError,
     RequeueExit,
     RequeueOnSignal,
     apply_auto_resume,
@@ -117,6 +119,86 @@ def test_apply_auto_resume(tmp_path):
     assert apply_auto_resume(None, ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
     assert apply_auto_resume("last", ckpt_dir) == str(ckpt_dir / "step=000004.ckpt")
     assert apply_auto_resume(str(explicit), ckpt_dir) == str(explicit)
+
+
+def test_every_checkpoint_damaged_fails_loudly_naming_them(tmp_path):
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    (tmp_path / "step=000004.ckpt").write_bytes(b"garbage")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # used to log "no checkpoint in DIR, starting from scratch" and train from step 0 with rc 0
+    with pytest.raises(CorruptCheckpointError, match=r"every checkpoint .* damaged: last.ckpt \(does not load.*"
+                                                     r"step=000004.ckpt .*NIT_FRESH_START=1"):
+        apply_auto_resume(None, tmp_path, repair=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # refused: nothing touched
+    with pytest.raises(FileNotFoundError, match="damaged: last.ckpt"):
+        apply_auto_resume("last", tmp_path)
+
+
+def test_fresh_start_over_damaged_checkpoints_is_explicit_and_moves_them_aside(tmp_path):
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    (tmp_path / "step=000004.ckpt").write_bytes(b"garbage")
+    assert apply_auto_resume(None, tmp_path, fresh_start=True, repair=True) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt.corrupt", "step=000004.ckpt.corrupt"]
+    assert apply_auto_resume(None, tmp_path) is None  # an empty directory is still a plain fresh start
+
+
+def test_damaged_or_stale_last_is_replaced_by_the_newest_valid_checkpoint(tmp_path):
+    step4 = _fake_ckpt(tmp_path / "step=000004.ckpt", 4)
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    assert apply_auto_resume(None, tmp_path, repair=True) == str(step4)
+    last = tmp_path / "last.ckpt"
+    assert last.read_bytes() == step4.read_bytes()  # last.ckpt is the newest valid state again, at once
+    assert (tmp_path / "last.ckpt.corrupt").exists() and not (tmp_path / "last.ckpt.tmp").exists()
+    assert apply_auto_resume(None, tmp_path, repair=True) == str(last)  # tie on step 4: last.ckpt, nothing to do
+
+    root = tmp_path / "root"
+    root.mkdir()
+    hpc = _fake_ckpt(root / "hpc_ckpt_1.ckpt", 9)  # valid but newer than last.ckpt
+    assert apply_auto_resume(None, tmp_path, extra_dirs=[root], repair=True) == str(hpc)
+    assert torch.load(last, weights_only=True)["global_step"] == 9
+    assert apply_auto_resume(None, tmp_path, extra_dirs=[root]) == str(last)
+
+
+def test_a_refused_checkpoint_leaves_the_directory_untouched(tmp_path):
+    _fake_ckpt(tmp_path / "step=000004.ckpt", 4)
+    _truncate(_fake_ckpt(tmp_path / "last.ckpt", 6))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    seen = []
+
+    def refuse(path: str) -> None:  # the CLI's provenance check: e.g. another network than the config's
+        seen.append(path)
+        raise ValueError("trained with other settings")
+
+    with pytest.raises(ValueError, match="other settings"):
+        apply_auto_resume(None, tmp_path, repair=True, check=refuse)
+    assert seen == [str(tmp_path / "step=000004.ckpt")]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_only_hpc_names_count_in_extra_dirs(tmp_path):
+    ckpt_dir, root = tmp_path / "ckpt", tmp_path / "root"
+    ckpt_dir.mkdir(), root.mkdir()
+    _fake_ckpt(root / "downloaded.ckpt", 50)  # someone's file in the working directory: not this run's
+    (root / "broken.ckpt").write_bytes(b"half a download")
+    assert apply_auto_resume(None, ckpt_dir, extra_dirs=[root]) is None
+
+
+def test_resume_from_a_step_checkpoint_keeps_writing_last_ckpt(tmp_path, no_slurm):
+    """A damaged last.ckpt and a step checkpoint saved before any `last`: the next save must replace last.ckpt."""
+    def trainer(max_steps: int) -> Trainer:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True, save_top_k=-1)
+        return Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False,
+                       callbacks=[checkpoint, AdoptLastCheckpoint(tmp_path / "ckpt")])
+
+    trainer(2).fit(_StepSeeded())
+    ckpt = tmp_path / "ckpt"
+    _truncate(ckpt / "last.ckpt")
+    resume = apply_auto_resume(None, ckpt, repair=True)
+    assert resume == str(ckpt / "epoch=0-step=2.ckpt")
+    trainer(4).fit(_StepSeeded(), ckpt_path=resume)
+    assert sorted(p.name for p in ckpt.glob("last*")) == ["last.ckpt", "last.ckpt.corrupt"]  # never last-v1.ckpt
+    assert torch.load(ckpt / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
 def test_slurm_job_id_of_arrays(monkeypatch):
@@ -243,8 +325,7 @@ def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     args = [
         "fit", "--config", str(REPO / "experiments" / "debug.yaml"),
         "--data.sources", f'[{{"path": "{shards}", "weight": 1.0}}]', "--data.tokens_per_pack", "128",
-        "--trainer.max_steps", "10", "--trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal",
-        *extra,
+        "--trainer.max_steps", "10", *extra,  # debug.yaml carries RequeueOnSignal
     ]
     log_file = open(cwd / "fit.log", "ab")
     # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
@@ -295,3 +376,71 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
     for index, state in a["optimizer"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
+
+
+# ---- a plain `fit` stopped by SIGTERM: save first, exit non-zero ------------------------------------------------------
+CALLBACKS_WITHOUT_REQUEUE = """
+trainer:
+  callbacks:
+    - class_path: nit_lightning.training.ema.EMA
+      init_args: {decay: 0.9}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpt, every_n_train_steps: 1000, save_last: true}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: marks, every_n_train_steps: 1, save_top_k: -1}
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_config_without_requeue_saves_and_exits_non_zero(tmp_path):
+    """A user config without RequeueOnSignal: Lightning alone exited 0 and lost every step since the last periodic
+    checkpoint (here: all of them). The CLI adds the callback, so the stop saves last.ckpt and exits 75."""
+    import time
+
+    from helpers.fit import fit_args
+
+    shards = tmp_path / "shards"
+    write_latent_shards(shards)
+    (tmp_path / "callbacks.yaml").write_text(CALLBACKS_WITHOUT_REQUEUE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NIT_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = fit_args(shards, max_steps=10_000) + ["--config", "callbacks.yaml"]
+    with open(tmp_path / "fit.log", "wb") as log_file:
+        run = subprocess.Popen([sys.executable, "-m", "nit_lightning", *args], cwd=tmp_path, env=env, stdout=log_file,
+                               stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not list((tmp_path / "marks").glob("*step=3*.ckpt")) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(300)
+    log = (tmp_path / "fit.log").read_text()
+    assert code == EXIT_REQUEUE, log[-3000:]
+    assert "RequeueOnSignal added (the config has none)" in log
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert saved >= 3, saved
+
+
+def test_requeue_on_signal_is_added_once_and_never_twice(tmp_path):
+    from nit_lightning.training.fault_tolerance import ensure_requeue_on_signal
+
+    trainer = _trainer(tmp_path, [])
+    added = ensure_requeue_on_signal(trainer)
+    assert [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)] == [added]
+    assert ensure_requeue_on_signal(trainer) is added  # the config's own is kept
+    trainer.callbacks.append(RequeueOnSignal())
+    with pytest.raises(ValueError, match="2 times.*drop --trainer.callbacks\\+="):
+        ensure_requeue_on_signal(trainer)
+
+
+def test_sigterm_before_training_exits_143_in_one_line(monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import nit_lightning.cli.lightning as lightning_cli
+
+    def stopped(argv):
+        raise SIGTERMException  # what Lightning's handler raises when SIGTERM comes before RequeueOnSignal's is on
+
+    monkeypatch.setattr(lightning_cli, "run_cli", stopped)
+    assert lightning_cli.main(["fit"]) == lightning_cli.EXIT_SIGTERM == 143  # SIGTERMException alone exits 0
+    assert capsys.readouterr().err.strip() == "python -m nit_lightning fit: stopped by SIGTERM outside training " \
+                                               "(setup, validation, test, predict); nothing was saved"

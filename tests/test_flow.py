@@ -130,3 +130,59 @@ def test_with_real_net_backward():
     # zero-init output: v̂ = 0, so mse = E[(ε − x0)²] ≈ 2 and the direction term is exactly 1 (cos(0, v) = 0)
     torch.testing.assert_close(out.parts["direction"], torch.tensor(1.0))
     assert net.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+class PatchNet:
+    """Stand-in net for tokens of (C, p, p): a fixed per-token linear map, different on each channel and sub-position."""
+
+    def __init__(self, dim: int) -> None:
+        self.weight = torch.randn(dim, dim, generator=torch.Generator().manual_seed(11))
+
+    def __call__(self, x, t, y, hw, return_hidden_at=None):
+        self.v = x @ self.weight + t.repeat_interleave(hw.prod(-1))[:, None]
+        return self.v
+
+
+@pytest.mark.parametrize("reduction", ["token", "image"])
+def test_direction_at_patch_2_is_a_cosine_per_latent_pixel(reduction):
+    # The official code takes the cosine over the C channels of each latent pixel (each of the p×p sub-positions of a
+    # token), then averages; the whole C·p·p token is not one vector. Direct formula: unpatchify v̂ and v to (C, H, W)
+    # latents with models/patching.py and average 1 − cos over C at every pixel.
+    from nit_lightning.models.patching import unpack_latents
+
+    C, p = 3, 2
+    x0 = torch.randn(sum(SEQ), C * p * p, generator=torch.Generator().manual_seed(2))
+    net = PatchNet(C * p * p)
+    loss_fn = FlowMatchingLoss(reduction=reduction, patch_size=p)
+    out = loss_fn(net, x0, torch.tensor([3, 1, 4]), HW, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    sample_times(3, generator, "cpu")  # the loss draws t first, then ε
+    v = torch.randn(x0.shape, generator=generator) - x0
+    per_image = [1 - F.cosine_similarity(a, b, dim=0)  # (H, W): one cosine per latent pixel, over C
+                 for a, b in zip(unpack_latents(net.v, HW, C, p), unpack_latents(v, HW, C, p))]
+    if reduction == "token":  # every token has p² pixels: the token mean of pixel means is the pixel mean
+        expected = torch.cat([d.flatten() for d in per_image]).mean()
+    else:
+        expected = torch.stack([d.mean() for d in per_image]).mean()
+    torch.testing.assert_close(out.parts["direction"], expected)
+    whole_token = 1 - F.cosine_similarity(net.v, v, dim=-1)  # the old rule: visibly another number here
+    assert not torch.allclose(whole_token.mean(), expected, atol=1e-3)
+
+
+def test_direction_at_patch_1_is_bitwise_the_plain_cosine():
+    x0, y = _data()
+    net = PatchNet(4)
+    out = FlowMatchingLoss()(net, x0, y, HW, generator=torch.Generator().manual_seed(8))
+    generator = torch.Generator().manual_seed(8)
+    sample_times(3, generator, "cpu")
+    v = (torch.randn(x0.shape, generator=generator) - x0).float()
+    assert torch.equal(out.parts["direction"], (1 - F.cosine_similarity(net.v.float(), v, dim=-1)).mean())
+    with pytest.raises(ValueError, match="patch_size"):
+        FlowMatchingLoss(patch_size=0)
+
+
+def test_module_passes_the_nets_patch_size_to_the_loss():
+    from nit_lightning.training.module import NiTModule
+
+    module = NiTModule(net={"name": "NiT-debug", "in_channels": 3, "patch_size": 2, "num_classes": 10})
+    assert module.loss_fn.patch_size == 2

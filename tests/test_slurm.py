@@ -73,9 +73,24 @@ def test_train_xl_command_line(tmp_path):
     assert code == 0, err
     assert "srun --kill-on-bad-exit=1 python -m nit_lightning fit --config experiments/nit_xl.yaml" in calls
     for part in ("--trainer.num_nodes=2", "--trainer.devices=8", "path: /data/lat/native", "path: /data/lat/fixed512",
-                 "--trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal",
                  "--trainer.max_steps=5 --seed_everything=1", "NIT_CKPT_DIR=/ckpt/xl"):
         assert part in calls, part
+
+
+@pytest.mark.parametrize("script", ["train_xl.sbatch", "train_b_ablation.sbatch"])
+def test_requeue_callback_comes_from_the_configs_not_the_scripts(script):
+    """The configs carry RequeueOnSignal (a plain `fit` saves on a signal too); a script adding it again would give two,
+    which the CLI refuses (fault_tolerance.ensure_requeue_on_signal)."""
+    import yaml
+
+    text = (REPO / "slurm" / script).read_text()
+    assert "RequeueOnSignal" not in text.split("srun", 1)[1]
+    configs = {"train_xl.sbatch": ["nit_xl"], "train_b_ablation.sbatch": ["nit_b_ablation_native", "nit_b_ablation_mix",
+                                                                          "nit_b_ablation_fixed"]}[script]
+    for name in configs:
+        callbacks = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())["trainer"]["callbacks"]
+        paths = [c["class_path"] for c in callbacks]
+        assert paths.count("nit_lightning.training.fault_tolerance.RequeueOnSignal") == 1, name
 
 
 def test_ablation_array_picks_variant(tmp_path):

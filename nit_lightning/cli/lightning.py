@@ -1,15 +1,29 @@
-"""`python -m nit_lightning fit|validate|test|predict --config experiments/<name>.yaml`: the suite's LightningCLI."""
+"""`python -m nit_lightning fit|validate|test|predict --config experiments/<name>.yaml`: the suite's LightningCLI.
+
+Exit codes: 0 done; 2 a user error, printed as one line `python -m nit_lightning <command>: error: <message>`
+(NIT_TRACEBACK=1 shows the traceback); 75 stopped by a signal after saving last.ckpt (RequeueOnSignal, docs/slurm.md);
+143 SIGTERM outside training (setup, or validate/test/predict: nothing to save); 1 any other failure, with its traceback.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from nit_lightning.cli.common import USER_ERRORS
 from nit_lightning.training.module import NiTModule
 
 log = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+EXIT_SIGTERM = 143  # 128 + SIGTERM: Lightning's handler stopped the run before RequeueOnSignal took over
 
 
 def _datamodule_class() -> type:
@@ -26,16 +40,80 @@ class NiTCLI(LightningCLI):
         # NiTModule then fills in net.in_channels or fails naming both values when they disagree.
         parser.link_arguments("data.latent_channels", "model.latent_channels", apply_on="instantiate")
 
+    def _subconfig(self) -> Any:
+        return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+
     def before_fit(self) -> None:
         # Requeued jobs resume by themselves: pin the checkpoint dir ($NIT_CKPT_DIR or the ModelCheckpoint's) and turn
         # ckpt_path None/"last" into the newest valid checkpoint there. NIT_AUTO_RESUME=0 turns it off (docs/slurm.md).
-        from nit_lightning.training.fault_tolerance import auto_resume_for_cli
+        # A stop by signal saves last.ckpt and exits 75 (or requeues): one RequeueOnSignal, the config's or a default.
+        from nit_lightning.training.fault_tolerance import auto_resume_for_cli, ensure_requeue_on_signal
 
-        auto_resume_for_cli(self)
+        # A resume continues the run that wrote the checkpoint: refuse another net or model settings (before the
+        # checkpoint directory is touched), warn on other data or a finished run; then record this run's data in
+        # every checkpoint it writes (training/provenance.py).
+        from nit_lightning.training.provenance import RecordRunInputs, check_resume
+
+        data = self._subconfig().get("data")
+        ensure_requeue_on_signal(self.trainer)
+        auto_resume_for_cli(self, check=lambda path: check_resume(path, self.model, data, self.trainer.max_steps))
+        self.trainer.callbacks.append(RecordRunInputs(data))
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the config's model by the --ckpt_path's hyper-parameters, silently dropping `--model.*`.
+
+        `fit` keeps the config's model, and `before_fit` refuses a checkpoint trained with other settings; validate,
+        test and predict keep Lightning's rule (they evaluate the checkpoint's model) and say which values it replaced.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from nit_lightning.training.provenance import describe, differences, saved_hparams
+
+            replaced = differences(saved_hparams(ckpt_path), self.config[subcommand].get("model") or {},
+                                   skip=frozenset({"latent_channels", "_instantiator", "_class_path"}))
+            if replaced:
+                log.warning("%s: the model is built from %s's hyper-parameters, which replace the config's %s",
+                            subcommand, ckpt_path, describe(replaced, "model."))
+        super()._parse_ckpt_path()
+
+    def after_fit(self) -> None:
+        # Lightning logs "No training batches" and returns: without this, an empty dataset exits 0 with no checkpoint.
+        if self.trainer.num_training_batches == 0:
+            data = self._subconfig().get("data") or {}
+            plan = getattr(self.datamodule, "plan_report", None) if self.datamodule is not None else None
+            counts = "" if not plan else (f" ({plan.get('selected_samples', '?')} samples in "
+                                          f"{plan.get('planned_packs', '?')} packs)")
+            raise ValueError(
+                f"fit trained nothing: the training data gave no packs{counts}; data.sources="
+                f"{data.get('sources')!r}, tokens_per_pack={data.get('tokens_per_pack')}. Point --data.sources at "
+                "shards written by `prepare` (their index.json lists the samples)"
+            )
+
+    def _require_weights(self) -> None:
+        config = self._subconfig()
+        if not config.get("ckpt_path") and not (config.get("model") or {}).get("init_from"):
+            raise ValueError(f"`{self.subcommand}` needs --ckpt_path (the checkpoint whose EMA weights to evaluate) or "
+                             "--model.init_from (official weights); without either the model has random weights")
+
+    def before_validate(self) -> None:
+        self._require_weights()
+
+    def before_test(self) -> None:
+        self._require_weights()
+
+    def before_predict(self) -> None:
+        self._require_weights()
+
+    def after_validate(self) -> None:
+        if sum(self.trainer.num_val_batches or [0]) == 0:
+            raise ValueError("validate evaluated nothing: set --data.val_sources (shard directories of the validation "
+                             "split, prepared like the training data) to sources that hold samples")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        seed = config.get("seed_everything")
+        seed = self._subconfig().get("seed_everything")
         if seed is None or isinstance(seed, bool):
             log.warning("seed_everything=%r: this run's data order and init are not reproducible; set an int", seed)
 
@@ -49,7 +127,31 @@ def run_cli(argv: list[str] | None = None, **kwargs: Any) -> NiTCLI:
                       seed_everything_default=0, args=argv, **kwargs)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from nit_lightning.training.fault_tolerance import CorruptCheckpointError
+
+    # MisconfigurationException: Lightning's "this Trainer setup cannot work" (two progress bars, a bad device count)
+    return (*USER_ERRORS, CorruptCheckpointError, MisconfigurationException)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m nit_lightning fit|validate|test|predict ...`; 0 on success."""
-    run_cli(argv)
+    """Entry point of `python -m nit_lightning fit|validate|test|predict ...`: 0 on success, see the module doc."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"python -m nit_lightning {argv[0] if argv and not argv[0].startswith('-') else ''}".rstrip()
+    try:
+        run_cli(argv)
+    except SIGTERMException:
+        print(f"{prog}: stopped by SIGTERM outside training (setup, validation, test, predict); nothing was saved",
+              file=sys.stderr)
+        return EXIT_SIGTERM
+    except _user_errors() as error:
+        if os.environ.get("NIT_TRACEBACK"):
+            raise
+        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -43,6 +43,23 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t_tokens: torch.Tensor) -
     return (1 - t) * x0 + t * noise
 
 
+def direction_per_token(v_hat_ND: torch.Tensor, v_ND: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+    """(N,) 1 − cos(v̂, v) over the C channels at each of a token's p×p sub-positions, averaged over them.
+
+    Tokens hold (C, p, p) (models/patching.py), so for p > 1 a token of D = C·p·p values is p² latent pixels of C
+    channels each: the official code takes the cosine per latent pixel, not over the whole C·p·p token. p = 1 is one
+    pixel per token and keeps the plain cosine over the last dim (bitwise the same as before p was considered).
+    """
+    if patch_size == 1:
+        return 1 - F.cosine_similarity(v_hat_ND, v_ND, dim=-1)
+    N, D = v_hat_ND.shape
+    if D % (patch_size * patch_size):
+        raise ValueError(f"tokens of {D} values are not C·p·p for patch size {patch_size}")
+    cos_NP = F.cosine_similarity(v_hat_ND.reshape(N, -1, patch_size * patch_size),
+                                 v_ND.reshape(N, -1, patch_size * patch_size), dim=1)  # (N, p·p): over C
+    return 1 - cos_NP.mean(dim=-1)
+
+
 def _reduce(per_token_N: torch.Tensor, ids_N: torch.Tensor, seqlens_B: torch.Tensor, reduction: str) -> torch.Tensor:
     """Mean over all tokens ("token") or mean per image then over images ("image")."""
     if reduction == "token":
@@ -53,7 +70,10 @@ def _reduce(per_token_N: torch.Tensor, ids_N: torch.Tensor, seqlens_B: torch.Ten
 
 
 class FlowMatchingLoss:
-    """Callable loss; takes the net (any `net(x, t, y, hw, return_hidden_at=k)`), does not own it."""
+    """Callable loss; takes the net (any `net(x, t, y, hw, return_hidden_at=k)`), does not own it.
+
+    `patch_size` must be the net's (tokens of C·p·p values): the direction term is a cosine per latent pixel.
+    """
 
     def __init__(
         self,
@@ -64,6 +84,7 @@ class FlowMatchingLoss:
         repa_weight: float = 0.0,
         repa_layer: int | None = None,
         on_nonfinite: str = "raise",
+        patch_size: int = 1,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction {reduction!r} unknown; valid: {list(REDUCTIONS)}")
@@ -71,11 +92,14 @@ class FlowMatchingLoss:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} unknown; valid: ['raise', 'report']")
         if P_std <= 0:
             raise ValueError(f"P_std must be > 0, got {P_std}")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
         if repa_weight > 0 and (repa_layer is None or repa_layer < 1):
             raise ValueError(f"repa_weight {repa_weight} > 0 needs repa_layer >= 1 (block k, 1-based), got {repa_layer}")
         self.P_mean, self.P_std = P_mean, P_std
         self.direction_weight, self.reduction = direction_weight, reduction
         self.repa_weight, self.repa_layer, self.on_nonfinite = repa_weight, repa_layer, on_nonfinite
+        self.patch_size = patch_size  # the net's: the direction term needs each token's (C, p, p) layout
 
     def __call__(
         self,
@@ -112,7 +136,7 @@ class FlowMatchingLoss:
         parts = {"mse": _reduce(mse_N, ids, seqlens, self.reduction)}
         loss, loss_N = parts["mse"], mse_N.detach()
         if self.direction_weight != 0:
-            dir_N = 1 - F.cosine_similarity(v_hat, target, dim=-1)
+            dir_N = direction_per_token(v_hat, target, self.patch_size)
             parts["direction"] = _reduce(dir_N, ids, seqlens, self.reduction)
             loss = loss + self.direction_weight * parts["direction"]
             loss_N = loss_N + self.direction_weight * dir_N.detach()

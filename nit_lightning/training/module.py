@@ -89,6 +89,8 @@ class NiTModule(LightningModule):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not lr > 0:
+            raise ValueError(f"model.lr={lr} must be > 0")
         self.net = build_nit(net.pop("name"), **net)
 
         self.repa_encoder_path = repa_encoder
@@ -111,6 +113,7 @@ class NiTModule(LightningModule):
             P_mean=P_mean, P_std=P_std, direction_weight=direction_weight, reduction=reduction,
             repa_weight=repa_weight, repa_layer=repa_layer if repa_weight > 0 else None,
             on_nonfinite="report",  # the module decides: raise with step and keys, or skip loudly
+            patch_size=self.net.config.patch_size,  # the direction term is a cosine per latent pixel
         )
         self.skipped_steps = 0
         self._configured = False
