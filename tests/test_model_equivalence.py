@@ -78,23 +78,36 @@ def test_state_dict_keys_and_shapes_are_unchanged():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_equal_before(case, dtype):
     overrides, hw = CASES[case]
-    new, old = _nets(overrides, dtype)
-    x, t, y, hw_t = _inputs(hw, new.config.token_dim, dtype)
     hidden_at = 1 if case in ("mixed", "depth3_projector", "lora_xxl") else None
-    g = torch.Generator().manual_seed(7)
-    grad_v = torch.randn(x.shape[0], new.config.token_dim, generator=g).to(dtype)
-    grad_h = torch.randn(x.shape[0], new.config.hidden_size, generator=g).to(dtype)
-    v_new, h_new, gx_new, grads_new = _run(new, x, t, y, hw_t, hidden_at, grad_v, grad_h)
-    v_old, h_old, gx_old, grads_old = _run(old, x, t, y, hw_t, hidden_at, grad_v, grad_h)
+
+    def run(which: str, run_dtype: torch.dtype):
+        new, old = _nets(overrides, run_dtype)
+        x, t, y, hw_t = _inputs(hw, new.config.token_dim, run_dtype)
+        g = torch.Generator().manual_seed(7)
+        grad_v = torch.randn(x.shape[0], new.config.token_dim, generator=g).to(run_dtype)
+        grad_h = torch.randn(x.shape[0], new.config.hidden_size, generator=g).to(run_dtype)
+        return _run(new if which == "new" else old, x, t, y, hw_t, hidden_at, grad_v, grad_h)
+
+    v_new, h_new, gx_new, grads_new = run("new", dtype)
+    v_old, h_old, gx_old, grads_old = run("old", dtype)
     assert v_new.dtype == v_old.dtype == dtype
     assert v_old.abs().max() > 1e-3  # a zero output would compare equal for free
     assert _rel(v_new, v_old) < 1e-6
     if hidden_at is not None:
         assert _rel(h_new, h_old) < 1e-6
     assert _rel(gx_new, gx_old) < 1e-6
-    assert sorted(grads_new) == sorted(grads_old) == sorted(n for n, p in old.named_parameters() if p.requires_grad)
-    bad = {n: _rel(grads_new[n], grads_old[n]) for n in grads_old if _rel(grads_new[n], grads_old[n]) >= 1e-6}
-    assert not bad, bad
+    expected = sorted(n for n, p in NiTBefore(build_nit("NiT-debug", **overrides).config).named_parameters())
+    assert sorted(grads_new) == sorted(grads_old) == expected
+    # A few gradients are sums with heavy cancellation (the qk-norm biases: attention nearly ignores a shift of all keys),
+    # and today's own fp32 value of them is only ~1e-6 from float64. For those the bound is today's own fp32 error
+    # (x2): the new code may not be further from today's than today's is from the exact value.
+    floor = {n: 0.0 for n in grads_old}
+    if dtype == torch.float32:
+        grads_exact = run("old", torch.float64)[3]
+        floor = {n: _rel(grads_old[n], grads_exact[n]) for n in grads_old}
+    bad = {n: (_rel(grads_new[n], grads_old[n]), floor[n]) for n in grads_old
+           if _rel(grads_new[n], grads_old[n]) >= max(1e-6, 2 * floor[n])}
+    assert not bad, bad  # name: (relative difference, today's own fp32 error)
 
 
 def test_the_harness_sees_a_small_change():
