@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nit_lightning.models.attention import BACKENDS, packed_attention
 from nit_lightning.models.packed import PackedMeta
-from nit_lightning.models.rope import ROPE_LAYOUTS, apply_rope
+from nit_lightning.models.rope import ROPE_LAYOUTS, qk_norm_rope
 
 
 @dataclass
@@ -134,10 +134,12 @@ class Attention(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
         n = x_ND.shape[0]
-        q, k, v = self.qkv(x_ND).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 × (N, H, Dh)
-        # LayerNorm runs in fp32 under autocast; cast back so q, k, v share v's dtype for the kernels.
-        q = apply_rope(self.q_norm(q), meta.rope_cos, meta.rope_sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), meta.rope_cos, meta.rope_sin).to(v.dtype)
+        qkv_N3HD = self.qkv(x_ND).view(n, 3, self.num_heads, self.head_dim)
+        # qk-norm and RoPE in one function, computed in fp32 and rounded once; q, k, v share qkv's dtype for the kernels.
+        q, k, v = qk_norm_rope(
+            qkv_N3HD, self.q_norm.weight, self.q_norm.bias, self.k_norm.weight, self.k_norm.bias,
+            meta.rope_cos, meta.rope_sin_signed, meta.rope_cis, self.q_norm.eps,
+        )  # 3 × (N, H, Dh)
         o = packed_attention(
             q, k, v, meta.cu_seqlens, meta.max_seqlen, self.backend, meta.seqlens_host, cache=meta.cache
         )
