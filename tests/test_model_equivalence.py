@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nit_lightning.models import build_nit
+from tests.helpers.autocast import CudaAutocastPolicy
 from tests.helpers.nit_before import NiTBefore
 
 MIXED = [[3, 4], [1, 5], [5, 1], [2, 2], [1, 1], [4, 4], [4, 4], [2, 3]]  # runs of equal length and a single token
@@ -116,3 +118,55 @@ def test_the_harness_sees_a_small_change():
     with torch.no_grad():
         new.blocks[1].attn.k_norm.weight[0] += 1e-3  # one channel of one qk-norm, 0.1%
         assert _rel(new(x, t, y, hw), old(x, t, y, hw)) > 1e-6
+
+
+class _OutputDtypes(TorchDispatchMode):
+    """dtype of every aten op output shaped (N, k·D): the per-token activations of the network."""
+
+    def __init__(self, n: int, d: int):
+        super().__init__()
+        self.n, self.d, self.seen = n, d, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor) and o.ndim == 2 and o.shape[0] == self.n and o.shape[1] % self.d == 0:
+                self.seen.append((func._schema.name, o.dtype))
+        return out
+
+
+def _bf16_forward(net, x, t, y, hw, record: bool):
+    """Forward under CPU bf16 autocast with CUDA's layer_norm policy; optionally the dtypes of (N, k·D) activations."""
+    mode = _OutputDtypes(x.shape[0], net.config.hidden_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CudaAutocastPolicy():
+        if record:
+            with mode:
+                out = net(x, t, y, hw)
+        else:
+            out = net(x, t, y, hw)
+    return out, mode.seen
+
+
+def test_activations_stay_bf16_under_autocast():
+    new, old = _nets(CASES["mixed"][0], torch.float32)
+    x, t, y, hw = _inputs(MIXED, new.config.token_dim, torch.float32)
+    out, seen = _bf16_forward(new, x, t, y, hw, record=True)
+    assert out.dtype == torch.bfloat16 and len(seen) > 20
+    fp32 = sorted({name for name, dtype in seen if dtype != torch.bfloat16})
+    assert fp32 == [], fp32  # no per-token activation is written in fp32 (qk-norm + RoPE is (N, H, Dh), fp32 inside)
+    # The check has teeth: before, every norm wrote its output and the modulated copy in fp32 under CUDA autocast.
+    _, seen_old = _bf16_forward(old, x, t, y, hw, record=True)
+    assert {"aten::native_layer_norm", "aten::add", "aten::mul"} <= {n for n, d in seen_old if d == torch.float32}
+
+
+def test_bf16_error_is_not_worse_than_before():
+    """bf16 outputs are not equal to before (norm outputs now round to bf16), but as close to the fp32 result."""
+    for case in ("mixed", "head_dim_72", "lora_xxl"):
+        overrides, hw = CASES[case]
+        new, old = _nets(overrides, torch.float32)
+        x, t, y, hw_t = _inputs(hw, new.config.token_dim, torch.float32)
+        with torch.no_grad():
+            exact = old(x, t, y, hw_t)
+        err_new = _rel(_bf16_forward(new, x, t, y, hw_t, record=False)[0], exact)
+        err_old = _rel(_bf16_forward(old, x, t, y, hw_t, record=False)[0], exact)
+        assert err_new < 3e-2 and err_new < 1.5 * err_old, (case, err_new, err_old)

@@ -158,6 +158,18 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class LayerNormKeepDtype(nn.LayerNorm):
+    """LayerNorm that returns its input's dtype under autocast: bf16 in, bf16 out, fp32 statistics inside the kernel.
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32, so every block would write its (N, D) norm output and the
+    modulated copy in fp32 and cast them back to bf16 in the next Linear (an fp32 round trip per norm).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x)
+
+
 def _modulation(hidden: int, chunks: int, rank: int | None) -> nn.Sequential:
     """SiLU -> Linear(D, k·D), or the LoRA form SiLU -> Linear(D, r) -> Linear(r, k·D) with no nonlinearity between."""
     if rank is None:
@@ -185,9 +197,9 @@ class NiTBlock(nn.Module):
     def __init__(self, cfg: NiTConfig) -> None:
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNormKeepDtype(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.attn_backend)
-        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNormKeepDtype(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio))
         self.adaLN_modulation = _modulation(d, 6, cfg.modulation_rank)
 
@@ -209,7 +221,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden: int, token_dim: int) -> None:
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm_final = LayerNormKeepDtype(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, token_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
