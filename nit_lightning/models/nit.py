@@ -309,6 +309,16 @@ class NiT(nn.Module):
             meta = self.build_meta(hw, x.shape[0])
         elif meta.num_tokens != x.shape[0]:
             raise ValueError(f"meta was built for {meta.num_tokens} tokens but x has {x.shape[0]}; rebuild it for this hw")
+        return self.forward_packed(x, t, y, meta, return_hidden_at)
+
+    def forward_packed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, meta: PackedMeta, return_hidden_at: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings, blocks and final layer on a built PackedMeta: the device-only part of `forward`, no host sync.
+
+        Compile mode "model" compiles this method (training/compile.py): one graph over all blocks, while the metadata
+        (one host read of hw) stays outside it.
+        """
         x_ND = self.x_embedder(x)
         c_BD = self.t_embedder(t) + self.y_embedder(y)
         hidden = None

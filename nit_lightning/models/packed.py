@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nit_lightning.models.attention import equal_length_runs
 from nit_lightning.models.rope import rope_cis, rope_sin_signed, rope_tables, token_positions
 
 
@@ -84,6 +85,7 @@ class PackedMeta:
             rope_sin=sin,
             rope_sin_signed=rope_sin_signed(sin),
             rope_cis=rope_cis(cos, sin),
+            cache={"loop_runs": equal_length_runs(seqlens_host)},  # host-side, so compiled blocks only read the cache
         )
 
     def broadcast(self, per_image_BK: torch.Tensor) -> torch.Tensor:
