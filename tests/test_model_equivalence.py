@@ -170,3 +170,16 @@ def test_bf16_error_is_not_worse_than_before():
         err_new = _rel(_bf16_forward(new, x, t, y, hw_t, record=False)[0], exact)
         err_old = _rel(_bf16_forward(old, x, t, y, hw_t, record=False)[0], exact)
         assert err_new < 3e-2 and err_new < 1.5 * err_old, (case, err_new, err_old)
+
+
+def test_bf16_weights_without_autocast():
+    """Pure bf16 nets (sampling in bf16, bf16-true, FSDP2 param_dtype bf16): they run, as close to fp32 as before."""
+    new, old = _nets(CASES["head_dim_72"][0], torch.float32)
+    x, t, y, hw = _inputs(MIXED, new.config.token_dim, torch.float32)
+    with torch.no_grad():
+        exact = old(x, t, y, hw)
+        out_new = new.to(torch.bfloat16)(x.bfloat16(), t.bfloat16(), y, hw)
+        out_old = old.to(torch.bfloat16)(x.bfloat16(), t.bfloat16(), y, hw)
+    assert out_new.dtype == torch.bfloat16
+    err_new, err_old = _rel(out_new, exact), _rel(out_old, exact)
+    assert err_new < 3e-2 and err_new < 1.5 * err_old, (err_new, err_old)

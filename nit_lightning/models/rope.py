@@ -120,8 +120,9 @@ def qk_norm_rope(
     q, k, v = qkv_N3HD.unbind(1)
     norm_dtype = torch.promote_types(qkv_N3HD.dtype, torch.float32)
     dh = q.shape[-1]
-    q = F.layer_norm(q.to(norm_dtype), (dh,), q_weight, q_bias, eps).float()
-    k = F.layer_norm(k.to(norm_dtype), (dh,), k_weight, k_bias, eps).float()
+    # Affine parameters follow: bf16 weights (bf16-true, FSDP2 param_dtype) would not mix with an fp32 input.
+    q = F.layer_norm(q.to(norm_dtype), (dh,), q_weight.to(norm_dtype), q_bias.to(norm_dtype), eps).float()
+    k = F.layer_norm(k.to(norm_dtype), (dh,), k_weight.to(norm_dtype), k_bias.to(norm_dtype), eps).float()
     if torch.compiler.is_compiling():
         q, k = _rope_real(q, cos_ND, sin_signed_ND), _rope_real(k, cos_ND, sin_signed_ND)
     else:
