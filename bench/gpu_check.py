@@ -1,7 +1,7 @@
 """One prepared GPU check (issues 9, 15): backend correctness, NiT-XL/NiT-B training MFU per compile mode, sampling latency.
 
 Usage: `python bench/gpu_check.py [--out outputs/gpu_check.json] [--jsonl outputs/gpu_check.jsonl] [--quick]
-[--sections backends,packed,train,sampling] [--modes none,blocks,model] [--train-timeout 240] [--deadline 900]`
+[--sections backends,packed,train,sampling] [--modes none,blocks,model] [--train-timeout 240] [--deadline 600]`
 (or `make gpu-check`). Every result is appended to the JSON-lines file the moment it exists, so a killed run still
 leaves numbers; each training run is a child process with its own timeout. Prints one table last and writes JSON.
 The fp32 backend checks run in true fp32 (TF32 off for cuBLAS, cuDNN and Triton, restored afterwards) against a
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="backends,packed,train,sampling")
     parser.add_argument("--modes", default=",".join(COMPILE_MODES), help="compile modes of the training section")
     parser.add_argument("--train-timeout", type=float, default=240.0, help="seconds per training run (a child process)")
-    parser.add_argument("--deadline", type=float, default=900.0, help="no new training/sampling run after this many s")
+    parser.add_argument("--deadline", type=float, default=600.0, help="no new training/sampling run after this many s")
     parser.add_argument("--train-one", default=None, help=argparse.SUPPRESS)  # child mode: one time_training run
     args = parser.parse_args(argv)
     if args.train_one is not None:
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             results["packed_vs_padded"] = {"error": repr(error)[:300]}
         emit(args.jsonl, "packed_vs_padded", results["packed_vs_padded"])
     if "train" in sections:
+        torch.cuda.empty_cache()  # the children need the memory this process cached in the sections above
         modes = ["none"] if args.quick else args.modes.split(",")
         for preset, tokens in (("NiT-XL", 16384), ("NiT-B", 65536)):
             for mode in modes:
