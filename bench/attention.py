@@ -15,7 +15,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-
 from nit_lightning.models import build_nit
 from nit_lightning.models.attention import available_backends
 from nit_lightning.models.rope import apply_rope

@@ -1,19 +1,25 @@
-"""One prepared GPU check (issue 9): backend correctness, NiT-XL/NiT-B training throughput and MFU, sampling latency.
+"""One prepared GPU check (issues 9, 15): backend correctness, NiT-XL/NiT-B training MFU per compile mode, sampling latency.
 
-Usage: `python bench/gpu_check.py [--out outputs/gpu_check.json] [--quick]` (or `make gpu-check`).
-Designed to finish inside 8 minutes on one H100/H200; without CUDA it says so and exits 0.
-Prints one table last and writes JSON.
+Usage: `python bench/gpu_check.py [--out outputs/gpu_check.json] [--jsonl outputs/gpu_check.jsonl] [--quick]
+[--sections backends,packed,train,sampling] [--modes none,blocks,model] [--train-timeout 240] [--deadline 600]`
+(or `make gpu-check`). Every result is appended to the JSON-lines file the moment it exists, so a killed run still
+leaves numbers; each training run is a child process with its own timeout. Prints one table last and writes JSON.
+The fp32 backend checks run in true fp32 (TF32 off for cuBLAS, cuDNN and Triton, restored afterwards) against a
+1e-4 tolerance. Without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
-
 
 from nit_lightning.data.lengths import recipe_grids
 from nit_lightning.diffusion.flow import FlowMatchingLoss
@@ -21,6 +27,7 @@ from nit_lightning.diffusion.sampling import sample
 from nit_lightning.models import build_nit
 from nit_lightning.models.attention import available_backends, packed_attention, reference_attention
 from nit_lightning.models.flops import training_flops_per_token
+from nit_lightning.training.compile import COMPILE_MODES, compile_net
 
 # Dense bf16 peak of one H100/H200 SXM (no sparsity); override with --peak-tflops for other cards.
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -39,6 +46,35 @@ def packed_grid_sizes(total_tokens: int, seed: int = 0) -> list[tuple[int, int]]
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def true_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions in IEEE fp32: TF32 off (cuBLAS, cuDNN, Triton/Inductor kernels), then restored.
+
+    With TF32 on (as training runs), fp32 attention is only ~1e-3 from float64 (TF32 keeps 10 mantissa bits); the
+    1e-4 tolerance of the fp32 check assumes true fp32.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def emit(jsonl: str | Path | None, section: str, record: dict) -> dict:
+    """Append {"section", **record} as one JSON line now (flushed to disk): a killed run keeps what it measured."""
+    if jsonl is not None:
+        Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+        with open(jsonl, "a") as handle:
+            handle.write(json.dumps({"section": section, **record}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    return record
 
 
 def check_backends(device: torch.device, dtype: torch.dtype, heads: int = 16, head_dim: int = 72,
@@ -73,10 +109,19 @@ def check_backends(device: torch.device, dtype: torch.dtype, heads: int = 16, he
             bwd = max(relative_error(g, r) for g, r in zip(grads, ref_grads))
             tolerance = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
             rows.append({"backend": backend, "dtype": str(dtype).split(".")[-1], "fwd_rel_err": fwd, "bwd_rel_err": bwd,
-                         "ok": fwd < tolerance and bwd < tolerance})
+                         "tolerance": tolerance, "ok": fwd < tolerance and bwd < tolerance, **_tf32_state(dtype)})
         except Exception as error:  # a backend failing is a finding to report, not a reason to stop the check
-            rows.append({"backend": backend, "dtype": str(dtype).split(".")[-1], "error": repr(error)[:200], "ok": False})
+            rows.append({"backend": backend, "dtype": str(dtype).split(".")[-1], "error": repr(error)[:200], "ok": False,
+                         **_tf32_state(dtype)})
     return rows
+
+
+def _tf32_state(dtype: torch.dtype) -> dict:
+    """For fp32 rows: whether TF32 was on when they ran (the tolerance means true fp32 only when it was off)."""
+    if dtype != torch.float32:
+        return {}
+    return {"tf32": bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+                         or torch.get_float32_matmul_precision() != "highest")}
 
 
 def time_packed_vs_padded(device: torch.device, heads: int = 16, head_dim: int = 72, repeats: int = 10) -> dict:
@@ -113,21 +158,25 @@ def time_packed_vs_padded(device: torch.device, heads: int = 16, head_dim: int =
             "packed_s": timings["packed"], "padded_s": timings["padded"], "speedup": timings["padded"] / timings["packed"]}
 
 
-def time_training(preset: str, tokens: int, device: torch.device, compile_blocks: bool, peak_tflops: float,
-                  steps: int = 6, warmup: int = 3) -> dict:
-    """tokens/s, images/s, MFU and peak memory of bf16-mixed training steps on one packed batch."""
-    torch.cuda.reset_peak_memory_stats(device)
+def time_training(preset: str, tokens: int, device: torch.device, compile_mode: str, peak_tflops: float | None,
+                  steps: int = 6, warmup: int = 3, backend: str = "inductor") -> dict:
+    """tokens/s, images/s, MFU and peak memory of bf16-mixed training steps on one packed batch, for one compile mode.
+
+    The step is NiTModule's: flow-matching loss under bf16 autocast, backward, grad clip 1.0, fused AdamW (CUDA); the
+    compile modes are NiTModule's (training/compile.py). Device-generic so that CPU tests can run it on a tiny preset.
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     net = build_nit(preset).to(device)
     with torch.no_grad():  # leave the zero-init: a zero network skips no FLOPs, but perturb so values are realistic
         for p in net.parameters():
             if p.ndim >= 2 and float(p.abs().sum()) == 0.0:
                 p.normal_(0, 0.02)
-    if compile_blocks:
-        for index, block in enumerate(net.blocks):
-            net.blocks[index] = torch.compile(block)
+    compile_net(net, compile_mode, backend=backend)
     loss_fn = FlowMatchingLoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-6,
-                                  fused=True)
+                                  fused=cuda or None)
     grids = packed_grid_sizes(tokens, seed=2)
     hw = torch.tensor(grids, device=device)
     n = int(hw.prod(-1).sum())
@@ -135,27 +184,58 @@ def time_training(preset: str, tokens: int, device: torch.device, compile_blocks
     y = torch.randint(0, net.config.num_classes, (len(grids),), device=device)
     generator = torch.Generator(device).manual_seed(0)
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = loss_fn(net, x0, y, hw, generator=generator)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    start = time.perf_counter()
+    step()  # includes compiling
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         step()
-    torch.cuda.synchronize(device)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize(device)
+    sync()
     seconds = (time.perf_counter() - start) / steps
     flops = training_flops_per_token(net.config, [h * w for h, w in grids]) * n
-    return {"preset": preset, "tokens": n, "images": len(grids), "compile": compile_blocks,
-            "step_s": seconds, "tokens_per_s": n / seconds, "images_per_s": len(grids) / seconds,
-            "mfu": flops / seconds / (peak_tflops * 1e12),
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"preset": preset, "tokens": n, "images": len(grids), "compile": compile_mode,
+            "first_step_s": first, "step_s": seconds, "tokens_per_s": n / seconds, "images_per_s": len(grids) / seconds,
+            "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+
+
+def run_training_child(config: dict, timeout_s: float, jsonl: str | Path | None) -> dict:
+    """`time_training(**config)` in a child process with a timeout; its record, or one saying why there is none.
+
+    A child per run: a compile that runs past its time or a CUDA OOM ends that run only, the next starts on a clean
+    device, and the record reaches the JSON-lines file before the next run begins.
+    """
+    command = [sys.executable, str(Path(__file__).resolve()), "--train-one", json.dumps(config)]
+    label = {k: config[k] for k in ("preset", "tokens", "compile_mode")}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        record = {**label, "compile": config["compile_mode"], "error": f"timeout after {timeout_s:.0f} s"}
+    else:
+        results = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode == 0 and results:
+            record = json.loads(results[-1])
+        else:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            record = {**label, "compile": config["compile_mode"], "error": f"exit {done.returncode}: {' | '.join(tail)}"[:400]}
+    return emit(jsonl, "train", record)
 
 
 def time_sampling(device: torch.device, sizes: list[tuple[int, int]], batch: int, steps: int = 50,
@@ -194,7 +274,8 @@ def print_table(results: dict) -> None:
         table.add_column(column)
     for row in results["backends"]:
         result = (f"fwd {row['fwd_rel_err']:.1e} bwd {row['bwd_rel_err']:.1e}" if "error" not in row else row["error"])
-        table.add_row("attention vs fp64", f"{row['backend']} {row['dtype']}", ("ok " if row["ok"] else "FAIL ") + result)
+        setting = f"{row['backend']} {row['dtype']}" + ({True: " (TF32 ON)", False: " (TF32 off)"}.get(row.get("tf32"), ""))
+        table.add_row("attention vs fp64", setting, ("ok " if row["ok"] else "FAIL ") + result)
     row = results.get("packed_vs_padded", {})
     if "error" in row:
         table.add_row("packed vs padded attn", "", row["error"])
@@ -206,9 +287,11 @@ def print_table(results: dict) -> None:
         if "error" in row:
             table.add_row("train step", f"{row['preset']} compile={row['compile']}", row["error"])
             continue
+        mfu = f"MFU {row['mfu']:.1%}" if row.get("mfu") is not None else "MFU n/a"
+        mem = f", {row['peak_mem_gib']:.1f} GiB" if row.get("peak_mem_gib") is not None else ""
         table.add_row("train step", f"{row['preset']} {row['tokens']} tok compile={row['compile']}",
-                      f"{row['tokens_per_s']:,.0f} tok/s, {row['images_per_s']:.0f} img/s, MFU {row['mfu']:.1%}, "
-                      f"{row['peak_mem_gib']:.1f} GiB")
+                      f"{row['step_s']:.3f} s, {row['tokens_per_s']:,.0f} tok/s, {row['images_per_s']:.0f} img/s, {mfu}"
+                      f"{mem} (first step {row['first_step_s']:.0f} s)")
     for row in results["sampling"]:
         if "error" in row:
             table.add_row("sampling", row.get("sizes", "?"), row["error"])
@@ -221,40 +304,71 @@ def print_table(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/gpu_check.json")
+    parser.add_argument("--jsonl", default="outputs/gpu_check.jsonl", help="results appended as they come")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help="dense bf16 peak of the card, for MFU (H100/H200 SXM: 989)")
-    parser.add_argument("--quick", action="store_true", help="skip torch.compile and NiT-B (for a short lease)")
+    parser.add_argument("--quick", action="store_true", help="training in eager mode only (for a short lease)")
+    parser.add_argument("--sections", default="backends,packed,train,sampling")
+    parser.add_argument("--modes", default=",".join(COMPILE_MODES), help="compile modes of the training section")
+    parser.add_argument("--train-timeout", type=float, default=240.0, help="seconds per training run (a child process)")
+    parser.add_argument("--deadline", type=float, default=600.0, help="no new training/sampling run after this many s")
+    parser.add_argument("--train-one", default=None, help=argparse.SUPPRESS)  # child mode: one time_training run
     args = parser.parse_args(argv)
+    if args.train_one is not None:
+        config = json.loads(args.train_one)
+        config["device"] = torch.device(config.get("device", "cuda"))
+        if config["device"].type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        print("RESULT " + json.dumps(time_training(**config)), flush=True)
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (CPU paths are covered by `make test` and bench/).")
         return 0
+    started = time.perf_counter()
+    sections = set(args.sections.split(","))
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                      "peak_tflops": args.peak_tflops, "backends": [], "training": [], "sampling": []}
-    for dtype in (torch.bfloat16, torch.float32):
-        results["backends"] += check_backends(device, dtype)
-    try:
-        results["packed_vs_padded"] = time_packed_vs_padded(device)
-    except Exception as error:
-        results["packed_vs_padded"] = {"error": repr(error)[:300]}
-    runs = [("NiT-XL", 16384, False)] + ([] if args.quick else [("NiT-XL", 16384, True), ("NiT-B", 65536, False)])
-    for preset, tokens, compile_blocks in runs:
+    emit(args.jsonl, "start", {k: results[k] for k in ("device", "torch", "peak_tflops")})
+    if "backends" in sections:
+        results["backends"] += [emit(args.jsonl, "backends", r) for r in check_backends(device, torch.bfloat16)]
+        with true_fp32():
+            results["backends"] += [emit(args.jsonl, "backends", r) for r in check_backends(device, torch.float32)]
+    if "packed" in sections:
         try:
-            results["training"].append(time_training(preset, tokens, device, compile_blocks, args.peak_tflops))
-        except Exception as error:  # report and go on: one failing setting must not hide the others
-            results["training"].append({"preset": preset, "compile": compile_blocks, "error": repr(error)[:300]})
-        torch.cuda.empty_cache()
-    for sizes, batch in (([(8, 8)], 32), ([(16, 16)], 16), ([(8, 8), (16, 16), (10, 30), (30, 10), (24, 24)], 40)):
-        try:
-            results["sampling"].append(time_sampling(device, sizes, batch))
+            results["packed_vs_padded"] = time_packed_vs_padded(device)
         except Exception as error:
-            results["sampling"].append({"sizes": str(sizes), "error": repr(error)[:300]})
+            results["packed_vs_padded"] = {"error": repr(error)[:300]}
+        emit(args.jsonl, "packed_vs_padded", results["packed_vs_padded"])
+    if "train" in sections:
+        torch.cuda.empty_cache()  # the children need the memory this process cached in the sections above
+        modes = ["none"] if args.quick else args.modes.split(",")
+        for preset, tokens in (("NiT-XL", 16384), ("NiT-B", 65536)):
+            for mode in modes:
+                if time.perf_counter() - started > args.deadline:
+                    results["training"].append(emit(args.jsonl, "train", {"preset": preset, "tokens": tokens,
+                                                                          "compile": mode, "error": "skipped: deadline"}))
+                    continue
+                config = {"preset": preset, "tokens": tokens, "compile_mode": mode, "peak_tflops": args.peak_tflops,
+                          "device": "cuda"}
+                results["training"].append(run_training_child(config, args.train_timeout, args.jsonl))
+    if "sampling" in sections:
+        for sizes, batch in (([(8, 8)], 32), ([(16, 16)], 16), ([(8, 8), (16, 16), (10, 30), (30, 10), (24, 24)], 40)):
+            if time.perf_counter() - started > args.deadline:
+                results["sampling"].append(emit(args.jsonl, "sampling", {"sizes": str(sizes), "error": "skipped: deadline"}))
+                continue
+            try:
+                row = time_sampling(device, sizes, batch)
+            except Exception as error:
+                row = {"sizes": str(sizes), "error": repr(error)[:300]}
+            results["sampling"].append(emit(args.jsonl, "sampling", row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.jsonl}")
     return 0 if all(row.get("ok") for row in results["backends"]) else 1
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from nit_lightning.data import shards
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.data.lengths import recipe_grids

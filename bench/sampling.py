@@ -3,9 +3,18 @@ import time
 
 import torch
 
-from nit_lightning.diffusion.sampling import sample, StackedGenerator, per_sample_noise, SampleRequest, plan_sample_packs, sample_pack, derive_seed
-from nit_lightning.models import build_nit
+from nit_lightning.diffusion.sampling import (
+    SampleRequest,
+    StackedGenerator,
+    derive_seed,
+    per_sample_noise,
+    plan_sample_packs,
+    sample,
+    sample_pack,
+)
 from nit_lightning.generation.pipeline import NetModelFn
+from nit_lightning.models import build_nit
+
 torch.set_num_threads(1)
 
 def timeit(fn, reps=3):

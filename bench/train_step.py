@@ -19,7 +19,6 @@ import time
 
 import torch
 
-
 from nit_lightning.diffusion.flow import FlowMatchingLoss
 from nit_lightning.models import PRESETS, build_nit
 from nit_lightning.models.attention import resolve_backend

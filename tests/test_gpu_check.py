@@ -1,7 +1,9 @@
-"""bench/gpu_check.py: says so and exits 0 without CUDA; its device-generic parts run on the CPU."""
+"""bench/gpu_check.py: says so and exits 0 without CUDA; its device-generic parts (backend check in true fp32, JSON lines,
+training per compile mode, the child process with its timeout) run on the CPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,9 @@ def gpu_check():
 def test_without_cuda_it_says_so_and_exits_0(gpu_check, capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the real check would run")
-    assert gpu_check.main(["--out", str(tmp_path / "gpu.json")]) == 0
+    assert gpu_check.main(["--out", str(tmp_path / "gpu.json"), "--jsonl", str(tmp_path / "gpu.jsonl")]) == 0
     assert "no CUDA device" in capsys.readouterr().out
-    assert not (tmp_path / "gpu.json").exists()
+    assert not (tmp_path / "gpu.json").exists() and not (tmp_path / "gpu.jsonl").exists()  # GPU sections skipped
 
 
 def test_grid_sizes_fill_the_budget_without_exceeding_it(gpu_check):
@@ -36,6 +38,57 @@ def test_backend_check_runs_on_cpu_and_every_backend_passes(gpu_check):
     rows = gpu_check.check_backends(torch.device("cpu"), torch.float32, heads=2, head_dim=8, tokens=512)
     assert {row["backend"] for row in rows} >= {"loop", "sdpa_mask"}
     assert all(row["ok"] for row in rows), rows
+
+
+def test_true_fp32_turns_tf32_off_and_restores_it(gpu_check):
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        with pytest.raises(RuntimeError, match="inside"):
+            with gpu_check.true_fp32():
+                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                assert torch.get_float32_matmul_precision() == "highest"
+                rows = gpu_check.check_backends(torch.device("cpu"), torch.float32, heads=2, head_dim=8, tokens=256)
+                assert rows and all(row["tf32"] is False and row["tolerance"] == 1e-4 for row in rows)
+                raise RuntimeError("inside")  # restored on the way out of an error too
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        rows = gpu_check.check_backends(torch.device("cpu"), torch.float32, heads=2, head_dim=8, tokens=256)
+        assert all(row["tf32"] is True for row in rows)  # said so when TF32 was on
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def test_emit_appends_one_json_line_per_result_at_once(gpu_check, tmp_path):
+    path = tmp_path / "out" / "check.jsonl"
+    gpu_check.emit(path, "train", {"preset": "NiT-XL", "mfu": 0.3})
+    assert json.loads(path.read_text()) == {"section": "train", "preset": "NiT-XL", "mfu": 0.3}  # on disk already
+    gpu_check.emit(path, "sampling", {"images_per_s": 27.0})
+    assert [json.loads(line)["section"] for line in path.read_text().splitlines()] == ["train", "sampling"]
+
+
+def test_training_runs_in_every_compile_mode_on_cpu(gpu_check):
+    torch._dynamo.reset()
+    for mode in ("none", "blocks", "model"):
+        row = gpu_check.time_training("NiT-debug", 256, torch.device("cpu"), mode, peak_tflops=None, steps=1, warmup=1,
+                                      backend="aot_eager")
+        assert row["compile"] == mode and row["tokens"] <= 256 and row["tokens_per_s"] > 0
+        assert row["mfu"] is None and row["peak_mem_gib"] is None  # no peak FLOP/s or CUDA memory on a CPU
+    torch._dynamo.reset()
+
+
+def test_training_child_leaves_a_record_or_says_why(gpu_check, tmp_path):
+    jsonl = tmp_path / "check.jsonl"
+    config = {"preset": "NiT-debug", "tokens": 256, "compile_mode": "none", "peak_tflops": None, "device": "cpu",
+              "steps": 1, "warmup": 1}
+    row = gpu_check.run_training_child(config, timeout_s=300, jsonl=jsonl)
+    assert "error" not in row and row["tokens_per_s"] > 0
+    late = gpu_check.run_training_child(config, timeout_s=0.05, jsonl=jsonl)  # killed: the record says so
+    assert late["error"].startswith("timeout after") and late["compile"] == "none"
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [("error" in line, line["section"]) for line in lines] == [(False, "train"), (True, "train")]
 
 
 @pytest.mark.slow

@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from nit_lightning.models.packed import PackedMeta
-from nit_lightning.models.rope import apply_rope, axis_frequencies, rope_tables, token_positions
+from nit_lightning.models.rope import (
+    _rope_complex,
+    _rope_real,
+    apply_rope,
+    axis_frequencies,
+    qk_norm_rope,
+    rope_cis,
+    rope_sin_signed,
+    rope_tables,
+    token_positions,
+)
 
 
 def _positions(hw: list[list[int]], layout: str) -> torch.Tensor:
@@ -106,7 +116,53 @@ def test_packed_meta_tables_and_ids():
     assert meta.max_seqlen == 6 and meta.seqlens_host == [6, 4]
     assert meta.instance_ids.tolist() == [0] * 6 + [1] * 4
     assert meta.rope_cos.shape == (10, 16) and meta.rope_cos.dtype == torch.float32
+    assert meta.rope_sin_signed.shape == (10, 16) and meta.rope_sin_signed.dtype == torch.float32
+    assert meta.rope_cis.shape == (10, 8) and meta.rope_cis.dtype == torch.complex64
     with pytest.raises(ValueError, match="describes 10 tokens"):
         PackedMeta.build(hw, 11, 16)
     with pytest.raises(ValueError, match="at least 1×1"):
         PackedMeta.build(torch.tensor([[0, 3]]), 0, 16)
+
+
+def test_both_rotation_bodies_equal_apply_rope():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, 16, generator=g)
+    cos, sin = rope_tables(torch.randint(0, 64, (40, 2), generator=g).float(), 16)
+    ref = apply_rope(x, cos, sin)
+    assert torch.equal(_rope_real(x, cos, rope_sin_signed(sin)), ref)  # the same products and sums, bit for bit
+    torch.testing.assert_close(_rope_complex(x, rope_cis(cos, sin)), ref, rtol=1e-6, atol=1e-6)
+
+
+def _qkv_and_norms(dtype=torch.float32, n=30, h=2, dh=8, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, 3, h, dh, generator=g).to(dtype)
+    params = [torch.randn(dh, generator=g) * 0.1 + 1, torch.randn(dh, generator=g) * 0.1,
+              torch.randn(dh, generator=g) * 0.1 + 1, torch.randn(dh, generator=g) * 0.1]
+    cos, sin = rope_tables(torch.randint(0, 64, (n, 2), generator=g).float(), dh)
+    return qkv, params, (cos, rope_sin_signed(sin), rope_cis(cos, sin)), sin
+
+
+def test_qk_norm_rope_equals_norm_then_apply_rope():
+    qkv, (qw, qb, kw, kb), tables, sin = _qkv_and_norms()
+    q, k, v = qk_norm_rope(qkv, qw, qb, kw, kb, *tables)
+    ref_q = apply_rope(torch.nn.functional.layer_norm(qkv[:, 0], (8,), qw, qb, 1e-5), tables[0], sin)
+    ref_k = apply_rope(torch.nn.functional.layer_norm(qkv[:, 1], (8,), kw, kb, 1e-5), tables[0], sin)
+    torch.testing.assert_close(q, ref_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, ref_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v, qkv[:, 2])
+
+
+def test_qk_norm_rope_compiled_body_equals_eager():
+    qkv, params, tables, _ = _qkv_and_norms()
+    eager = qk_norm_rope(qkv, *params, *tables)
+    compiled = torch.compile(qk_norm_rope, backend="aot_eager", fullgraph=True)(qkv, *params, *tables)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_qk_norm_rope_is_fp32_inside_and_rounds_once_for_bf16():
+    qkv, params, tables, _ = _qkv_and_norms(torch.bfloat16)
+    q, k, v = qk_norm_rope(qkv, *params, *tables)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    ref_q, ref_k, _ = qk_norm_rope(qkv.float(), *params, *tables)  # the same math on the same (bf16) values in fp32
+    assert torch.equal(q, ref_q.to(torch.bfloat16)) and torch.equal(k, ref_k.to(torch.bfloat16))

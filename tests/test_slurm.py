@@ -220,7 +220,11 @@ def _fit_tiny(root: Path, strategy, ema) -> dict:
 
     torch.manual_seed(0)
     module = _TinyNiTModule.make()
-    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False, callbacks=[ema],
+    from nit_lightning.training.callbacks import GradNormMonitor
+
+    # GradNormMonitor: its norm is a DTensor under FSDP2 (full_tensor, no host sync)
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=3, logger=False,
+                      callbacks=[ema, GradNormMonitor()],
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       default_root_dir=root)
     trainer.fit(module)

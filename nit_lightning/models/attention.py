@@ -88,6 +88,10 @@ def _doc_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
 def _cached(cache: dict[str, Any] | None, key: str, make: Callable[[], Any]) -> Any:
     if cache is None:
         return make()
+    if key not in cache and torch.compiler.is_compiling():
+        # No write from inside a compiled region: under activation checkpointing Dynamo cannot keep a side effect in
+        # the recomputed forward and would fall back to eager for the whole block. PackedMeta.build pre-fills what it can.
+        return make()
     if key not in cache:
         cache[key] = make()
     return cache[key]

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nit_lightning.models.rope import rope_tables, token_positions
+from nit_lightning.models.attention import equal_length_runs
+from nit_lightning.models.rope import rope_cis, rope_sin_signed, rope_tables, token_positions
 
 
 @dataclass
@@ -22,6 +23,8 @@ class PackedMeta:
     instance_ids: torch.Tensor  # (N,) long, image index of every token
     rope_cos: torch.Tensor  # (N, head_dim) fp32
     rope_sin: torch.Tensor  # (N, head_dim) fp32
+    rope_sin_signed: torch.Tensor  # (N, head_dim) fp32, [−s0, s0, −s1, s1, …] for the compiled qk-norm + RoPE
+    rope_cis: torch.Tensor  # (N, head_dim/2) complex64 cos + i·sin per channel pair, for the eager qk-norm + RoPE
     cache: dict[str, Any] = field(default_factory=dict)  # backend-specific masks (flex BlockMask, dense mask)
 
     @property
@@ -80,6 +83,9 @@ class PackedMeta:
             instance_ids=ids,
             rope_cos=cos,
             rope_sin=sin,
+            rope_sin_signed=rope_sin_signed(sin),
+            rope_cis=rope_cis(cos, sin),
+            cache={"loop_runs": equal_length_runs(seqlens_host)},  # host-side, so compiled blocks only read the cache
         )
 
     def broadcast(self, per_image_BK: torch.Tensor) -> torch.Tensor:

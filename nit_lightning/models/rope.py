@@ -1,7 +1,8 @@
-"""Axial 2D RoPE (SPEC §1.1): token positions per image, fp32 cos/sin tables, adjacent-pair rotation."""
+"""Axial 2D RoPE (SPEC §1.1): token positions per image, fp32 cos/sin tables, adjacent-pair rotation, qk-norm + RoPE."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 ROPE_LAYOUTS = ("rowcol", "reference")
 
@@ -70,3 +71,60 @@ def apply_rope(x_NHD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) 
     xf = x_NHD.float()
     cos, sin = cos_ND[:, None, :], sin_ND[:, None, :]  # (N, 1, Dh)
     return (xf * cos + rotate_pairs(xf) * sin).to(x_NHD.dtype)
+
+
+def rope_sin_signed(sin_ND: torch.Tensor) -> torch.Tensor:
+    """sin with the pair rotation's sign folded in, [−s0, s0, −s1, s1, …]: rope(x) = x·cos + swap_pairs(x)·sin_signed."""
+    return (sin_ND.unflatten(-1, (-1, 2)) * sin_ND.new_tensor([-1.0, 1.0])).flatten(-2)
+
+
+def rope_cis(cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
+    """(N, head_dim/2) complex64 cos + i·sin, one entry per channel pair (both channels of a pair share one angle)."""
+    return torch.complex(cos_ND[:, 0::2].float(), sin_ND[:, 0::2].float())
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x_2m, x_2m+1) -> (x_2m+1, x_2m) over the last dimension."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def _rope_real(x_NHD: torch.Tensor, cos_ND: torch.Tensor, sin_signed_ND: torch.Tensor) -> torch.Tensor:
+    # The same products and sums as apply_rope: x·c + x'·(−s) is x·c + (−x')·s exactly.
+    return x_NHD * cos_ND[:, None] + swap_pairs(x_NHD) * sin_signed_ND[:, None]
+
+
+def _rope_complex(x_NHD: torch.Tensor, cis_NP: torch.Tensor) -> torch.Tensor:
+    # (x0 + i·x1)(c + i·s) = (x0·c − x1·s) + i(x0·s + x1·c): the rotation of each pair, one elementwise kernel.
+    xc = torch.view_as_complex(x_NHD.contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cis_NP[:, None]).flatten(-2)
+
+
+def qk_norm_rope(
+    qkv_N3HD: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    cos_ND: torch.Tensor,
+    sin_signed_ND: torch.Tensor,
+    cis_NP: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed qkv (N, 3, H, Dh) -> q, k, v (N, H, Dh) in qkv's dtype: qk-norm (LayerNorm over Dh) then 2D RoPE, in fp32.
+
+    The norm runs in at least fp32 and the rotation in fp32 with fp32 tables (never bf16 angles); q and k are rounded to
+    qkv's dtype once, at the end. Under torch.compile the rotation is real arithmetic, which Inductor fuses with the norm
+    and the casts into one kernel; eager it is one complex multiply per channel pair (one kernel instead of four passes;
+    Inductor has no complex codegen, hence the two bodies). Both compute the same products and sums.
+    """
+    q, k, v = qkv_N3HD.unbind(1)
+    norm_dtype = torch.promote_types(qkv_N3HD.dtype, torch.float32)
+    dh = q.shape[-1]
+    # Affine parameters follow: bf16 weights (bf16-true, FSDP2 param_dtype) would not mix with an fp32 input.
+    q = F.layer_norm(q.to(norm_dtype), (dh,), q_weight.to(norm_dtype), q_bias.to(norm_dtype), eps).float()
+    k = F.layer_norm(k.to(norm_dtype), (dh,), k_weight.to(norm_dtype), k_bias.to(norm_dtype), eps).float()
+    if torch.compiler.is_compiling():
+        q, k = _rope_real(q, cos_ND, sin_signed_ND), _rope_real(k, cos_ND, sin_signed_ND)
+    else:
+        q, k = _rope_complex(q, cis_NP), _rope_complex(k, cis_NP)
+    return q.to(v.dtype), k.to(v.dtype), v

@@ -117,13 +117,35 @@ class ThroughputMonitor(Callback):
 
 
 class GradNormMonitor(Callback):
-    """Logs the total gradient norm before clipping; raises on a non-finite one (the gradient-side NaN guard).
+    """Logs the total gradient norm before clipping and stops training on a non-finite one, without a host sync per step.
 
-    Checking every step costs one host sync per step; `check_every` trades that for later detection.
+    Every step folds "this norm is not finite" into three numbers on the device: [seen, first bad step, its norm]. Every
+    `check_every` steps they are copied to pinned host memory without blocking, behind a CUDA event, and the copy started
+    at the previous check is read: it arrived long ago, so the read waits for nothing. A non-finite norm at step s thus
+    raises at step s + 1 with check_every=1 (within 2·check_every steps), on every rank at the same step (each rank
+    sees the same all-reduced gradients and reads on the same schedule); a blocking read also runs
+    before any checkpoint is written and at the end of training. So a non-finite norm always stops training and no
+    checkpoint holds weights updated from it, but the optimiser steps up to the detection do run (on weights that are
+    then discarded). `asynchronous=False` reads the device values at each check instead: one host sync per check, and
+    the optimiser step of a non-finite norm never runs.
     """
 
-    def __init__(self, norm_type: float = 2.0, check_every: int = 1, raise_on_nonfinite: bool = True):
+    def __init__(self, norm_type: float = 2.0, check_every: int = 1, raise_on_nonfinite: bool = True,
+                 asynchronous: bool = True):
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.norm_type, self.check_every, self.raise_on_nonfinite = float(norm_type), int(check_every), raise_on_nonfinite
+        self.asynchronous = asynchronous
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state: torch.Tensor | None = None  # (3,) float64 on the device: [seen, first bad step, its norm]
+        self._host: torch.Tensor | None = None  # pinned copy of _state, in flight since the last check
+        self._event: Any = None  # CUDA event recorded after that copy (None on CPU, where copies are synchronous)
+        self._pending = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Lightning calls this after AMP unscaling and before gradient clipping: the norm that clipping sees.
@@ -131,12 +153,62 @@ class GradNormMonitor(Callback):
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads, norm_type=self.norm_type)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; full_tensor is a collective, not a host sync
+            norm = norm.full_tensor()
         pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
-        if self.raise_on_nonfinite and trainer.global_step % self.check_every == 0 and not bool(torch.isfinite(norm)):
+        if not self.raise_on_nonfinite:
+            return
+        step = trainer.global_step
+        if self._state is None:
+            self._state = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64, device=norm.device)
+        # Device-side only: keep the first non-finite step and its norm.
+        first = ~torch.isfinite(norm) & (self._state[0] == 0)
+        mark = torch.stack([torch.ones((), dtype=torch.float64, device=norm.device),
+                            torch.full((), float(step), dtype=torch.float64, device=norm.device),
+                            norm.detach().to(torch.float64)])
+        self._state = torch.where(first, mark, self._state)
+        if step % self.check_every == 0:
+            self._check(trainer)
+
+    def _check(self, trainer: Trainer) -> None:
+        assert self._state is not None
+        if not self.asynchronous:
+            self._raise_if_seen(self._state.tolist(), trainer)  # blocking: one host sync
+            return
+        if self._pending:
+            if self._event is not None:
+                self._event.synchronize()  # the copy of the previous check: long done, nothing to wait for
+            self._raise_if_seen(self._host.tolist(), trainer)  # a read of host memory, no device sync
+        cuda = self._state.is_cuda
+        if self._host is None:
+            self._host = torch.empty(3, dtype=torch.float64, pin_memory=cuda)
+        self._host.copy_(self._state, non_blocking=cuda)
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._pending = True
+
+    def _flush(self, trainer: Trainer) -> None:
+        """Blocking read of everything seen so far (before a checkpoint is written, at the end of training)."""
+        if self.raise_on_nonfinite and self._state is not None:
+            self._raise_if_seen(self._state.tolist(), trainer)
+
+    def _raise_if_seen(self, state: list[float], trainer: Trainer) -> None:
+        seen, step, norm = state
+        if seen:
+            late = int(step) != trainer.global_step
             raise FloatingPointError(
-                f"non-finite gradient norm {norm.item()} at step {trainer.global_step} (rank {trainer.global_rank}) "
-                "with a finite loss: lower the lr, check bf16 overflow, or look at the last batch's keys"
+                f"non-finite gradient norm {norm} at step {int(step)} (rank {trainer.global_rank}) with a finite loss"
+                + (f", detected at step {trainer.global_step} (the optimiser steps in between ran; no checkpoint was "
+                   "written after it)" if late else "")
+                + ": lower the lr, check bf16 overflow, or look at that step's batch keys"
             )
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._flush(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush(trainer)
 
 
 class PackLog(Callback):

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
+from nit_lightning.training.compile import compile_net, resolve_compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ class NiTModule(LightningModule):
         label_dropout: probability of replacing a label by the null class in the training step (CFG training).
         lr, betas, weight_decay, eps: AdamW (SPEC §6); never scaled by the GPU count.
         warmup_steps: optional linear warm-up of the lr over that many optimiser steps, constant after.
-        compile_blocks / activation_checkpointing: applied per block of `net.blocks` in `configure_model`.
+        compile: "none" | "blocks" (each block in place) | "model" (all blocks and the final layer as one graph, see
+            training/compile.py); None takes `compile_blocks` (the older switch: true = "blocks").
+        compile_backend: torch.compile backend ("inductor"; "aot_eager" in CPU tests).
+        activation_checkpointing: per block of `net.blocks`; applied in `configure_model`, before compiling.
         repa_weight, repa_layer, repa_encoder: REPA (off when repa_weight is 0) with the net's own projector
             (`net.projector_dim` = encoder feature size); features come from the batch's `repa_z` or from the frozen
             encoder at the local path `repa_encoder` (see training/encoders.py).
@@ -59,7 +63,9 @@ class NiTModule(LightningModule):
         weight_decay: float = 0.01,
         eps: float = 1e-6,
         warmup_steps: int = 0,
+        compile: Literal["none", "blocks", "model"] | None = None,
         compile_blocks: bool = False,
+        compile_backend: str = "inductor",
         activation_checkpointing: bool = False,
         repa_weight: float = 0.0,
         repa_layer: int | None = None,
@@ -91,6 +97,7 @@ class NiTModule(LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not lr > 0:
             raise ValueError(f"model.lr={lr} must be > 0")
+        self.compile_mode = resolve_compile_mode(compile, compile_blocks)
         self.net = build_nit(net.pop("name"), **net)
 
         self.repa_encoder_path = repa_encoder
@@ -128,19 +135,19 @@ class NiTModule(LightningModule):
 
     # ---- building ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Per-block activation checkpointing and torch.compile, applied once from outside the network."""
+        """Per-block activation checkpointing, then torch.compile, applied once from outside the network."""
         if self._configured:
             return
         self._configured = True
         blocks = getattr(self.net, "blocks", None)
-        if (self.hparams.compile_blocks or self.hparams.activation_checkpointing) and blocks is None:
-            raise AttributeError("the network has no `blocks` ModuleList to compile or checkpoint")
-        for block in blocks if blocks is not None else []:
-            if self.hparams.activation_checkpointing:
+        if self.hparams.activation_checkpointing:
+            if blocks is None:
+                raise AttributeError("the network has no `blocks` ModuleList to checkpoint")
+            for block in blocks:
                 # An instance attribute overrides forward without renaming parameters (state-dict keys unchanged).
                 block.forward = _checkpointed(block.forward)
-            if self.hparams.compile_blocks:
-                block.compile(dynamic=True)  # in place: keys stay `blocks.i.*`, no `_orig_mod.` prefix
+        # In place: keys stay `blocks.i.*`, no `_orig_mod.` prefix.
+        compile_net(self.net, self.compile_mode, backend=self.hparams.compile_backend)
 
     def setup(self, stage: str) -> None:
         trainer = self._trainer
@@ -148,6 +155,13 @@ class NiTModule(LightningModule):
             return
         if self.hparams.on_nonfinite == "skip" and trainer.world_size > 1:
             raise ValueError("on_nonfinite='skip' works on one process only (a skipped step would hang DDP); use 'raise'")
+        if self.compile_mode == "model":
+            from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+            strategy = getattr(trainer, "strategy", None)
+            if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+                raise ValueError(f"model.compile=model with {type(strategy).__name__}: FSDP shards per block and its hooks "
+                                 "do not belong inside one compiled graph; use model.compile=blocks")
         dm = getattr(trainer, "datamodule", None)
         patch = getattr(dm, "patch_size", None)
         if patch is not None and int(patch) != int(self.net.config.patch_size):
