@@ -1,7 +1,7 @@
 """One prepared GPU check (issues 9, 15): backend correctness, NiT-XL/NiT-B training MFU per compile mode, sampling latency.
 
 Usage: `python bench/gpu_check.py [--out outputs/gpu_check.json] [--jsonl outputs/gpu_check.jsonl] [--quick]
-[--sections backends,packed,train,sampling] [--modes none,blocks,model] [--train-timeout 240] [--deadline 600]`
+[--sections backends,packed,train,sampling,e2e] [--modes none,blocks,model] [--train-timeout 240] [--deadline 600]`
 (or `make gpu-check`). Every result is appended to the JSON-lines file the moment it exists, so a killed run still
 leaves numbers; each training run is a child process with its own timeout. Prints one table last and writes JSON.
 The fp32 backend checks run in true fp32 (TF32 off for cuBLAS, cuDNN and Triton, restored afterwards) against a
@@ -23,7 +23,6 @@ import torch
 
 from nit_lightning.data.lengths import recipe_grids
 from nit_lightning.diffusion.flow import FlowMatchingLoss
-from nit_lightning.diffusion.sampling import sample
 from nit_lightning.models import build_nit
 from nit_lightning.models.attention import available_backends, packed_attention, reference_attention
 from nit_lightning.models.flops import training_flops_per_token
@@ -238,30 +237,37 @@ def run_training_child(config: dict, timeout_s: float, jsonl: str | Path | None)
     return emit(jsonl, "train", record)
 
 
-def time_sampling(device: torch.device, sizes: list[tuple[int, int]], batch: int, steps: int = 50,
-                  cfg_scale: float = 2.0) -> dict:
-    """Wall time of Euler sampling with CFG for a batch of latents of the given grid sizes, packed in one call."""
-    net = build_nit("NiT-XL").to(device, torch.bfloat16).eval()
-    grids = [sizes[i % len(sizes)] for i in range(batch)]
-    hw = torch.tensor(grids, device=device)
-    n = int(hw.prod(-1).sum())
-    noise = torch.randn(n, net.config.in_channels, device=device, dtype=torch.bfloat16)
-    y = torch.arange(batch, device=device) % net.config.num_classes
+def time_sampling(device: torch.device, size: tuple[int, int], num: int, tokens_per_pack: int = 16384,
+                  steps: int = 50) -> dict:
+    """NiT-XL (random weights) images/s through `generation.generate`'s packing and sampler at the `sample` command's
+    defaults (16384 tokens per pack, precision auto = bf16 autocast on CUDA), Euler-50 + CFG 1.5 on [0, 0.7]; the
+    decode is left out (the end-to-end section times a real `sample` run with DC-AE)."""
+    from nit_lightning.diffusion.sampling import SampleRequest, derive_seed, plan_sample_packs, sample_pack
+    from nit_lightning.generation.pipeline import NetModelFn
+    from nit_lightning.generation.settings import SamplerSettings
 
-    def model_fn(x, t, labels, grid):
-        return net(x.to(torch.bfloat16), t.to(torch.bfloat16), labels, grid)
+    net = build_nit("NiT-XL").to(device).eval().requires_grad_(False)
+    sampler = SamplerSettings(method="euler", steps=steps, cfg_scale=1.5, cfg_interval=(0.0, 0.7)).for_device(device)
+    grid = (size[0] // 32, size[1] // 32)
+    requests = [SampleRequest(i, grid, i % 1000, derive_seed(0, i)) for i in range(num)]
+    packs = plan_sample_packs(requests, tokens_per_pack, cfg=sampler.guided)
+
+    def run(pack, pack_steps):
+        return sample_pack(NetModelFn(net, sampler.precision), pack, net.config.token_dim, device=device,
+                           method=sampler.method, steps=pack_steps, cfg_scale=sampler.cfg_scale,
+                           cfg_interval=sampler.cfg_interval, null_class=net.null_class,
+                           dtype=sampler.integration_dtype)
 
     with torch.no_grad():
-        sample(model_fn, noise, y, hw, method="euler", steps=2, cfg_scale=cfg_scale, null_class=net.null_class,
-               dtype=torch.float32)
+        run(packs[0], 2)  # warm-up: kernels, allocator
         torch.cuda.synchronize(device)
         start = time.perf_counter()
-        sample(model_fn, noise, y, hw, method="euler", steps=steps, cfg_scale=cfg_scale, cfg_interval=(0.0, 0.7),
-               null_class=net.null_class, dtype=torch.float32)
+        for pack in packs:
+            run(pack, steps)
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return {"sizes": "+".join(f"{h * 32}x{w * 32}" for h, w in sorted(set(grids))), "batch": batch, "steps": steps,
-            "seconds": seconds, "images_per_s": batch / seconds}
+    return {"sizes": f"{size[0]}x{size[1]}", "batch": num, "packs": len(packs), "tokens_per_pack": tokens_per_pack,
+            "precision": sampler.precision, "steps": steps, "seconds": seconds, "images_per_s": num / seconds}
 
 
 def print_table(results: dict) -> None:
@@ -296,8 +302,12 @@ def print_table(results: dict) -> None:
         if "error" in row:
             table.add_row("sampling", row.get("sizes", "?"), row["error"])
             continue
-        table.add_row("sampling Euler-50 CFG", f"{row['sizes']} ×{row['batch']}",
-                      f"{row['seconds']:.2f} s, {row['images_per_s']:.2f} img/s")
+        table.add_row("sampling Euler-50 CFG (no decode)", f"NiT-XL {row['sizes']} ×{row['batch']} in {row['packs']} "
+                      f"packs of {row['tokens_per_pack']} tok, {row['precision']}",
+                      f"{row['seconds']:.2f} s, {row['images_per_s']:.1f} img/s (target 256²: 150, 512²: 40)")
+    for row in results.get("e2e", []):
+        detail = {k: v for k, v in row.items() if k not in ("section", "time")}
+        table.add_row("end to end", row["section"].removeprefix("e2e-"), json.dumps(detail)[:160])
     console.print(table)
 
 
@@ -308,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help="dense bf16 peak of the card, for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--quick", action="store_true", help="training in eager mode only (for a short lease)")
-    parser.add_argument("--sections", default="backends,packed,train,sampling")
+    parser.add_argument("--sections", default="backends,packed,train,sampling,e2e")
+    parser.add_argument("--e2e-work", default="/tmp/nit_gpu_e2e", help="scratch folder of the end-to-end section")
+    parser.add_argument("--e2e-timeout", type=float, default=420.0, help="seconds for the whole end-to-end section")
     parser.add_argument("--modes", default=",".join(COMPILE_MODES), help="compile modes of the training section")
     parser.add_argument("--train-timeout", type=float, default=240.0, help="seconds per training run (a child process)")
     parser.add_argument("--deadline", type=float, default=600.0, help="no new training/sampling run after this many s")
@@ -356,15 +368,25 @@ def main(argv: list[str] | None = None) -> int:
                           "device": "cuda"}
                 results["training"].append(run_training_child(config, args.train_timeout, args.jsonl))
     if "sampling" in sections:
-        for sizes, batch in (([(8, 8)], 32), ([(16, 16)], 16), ([(8, 8), (16, 16), (10, 30), (30, 10), (24, 24)], 40)):
+        for size, num in (((256, 256), 256), ((512, 512), 64)):  # 2 packs each at the default 16384 tokens with CFG
             if time.perf_counter() - started > args.deadline:
-                results["sampling"].append(emit(args.jsonl, "sampling", {"sizes": str(sizes), "error": "skipped: deadline"}))
+                results["sampling"].append(emit(args.jsonl, "sampling", {"sizes": str(size), "error": "skipped: deadline"}))
                 continue
             try:
-                row = time_sampling(device, sizes, batch)
+                row = time_sampling(device, size, num)
             except Exception as error:
-                row = {"sizes": str(sizes), "error": repr(error)[:300]}
+                row = {"sizes": str(size), "error": repr(error)[:300]}
             results["sampling"].append(emit(args.jsonl, "sampling", row))
+            torch.cuda.empty_cache()
+    if "e2e" in sections:  # the user path, each step a real command (bench/gpu_e2e.py), results in the same JSON lines
+        raw = [r for r in results["training"] if r.get("preset") == "NiT-B" and r.get("compile") == "none" and
+               "tokens_per_s" in r]
+        command = [sys.executable, str(Path(__file__).with_name("gpu_e2e.py")), "--work", args.e2e_work,
+                   "--out", args.jsonl] + (["--raw-tokens-per-s", str(raw[0]["tokens_per_s"])] if raw else [])
+        before = Path(args.jsonl).read_text().count("\n") if Path(args.jsonl).is_file() else 0
+        subprocess.run(command, timeout=args.e2e_timeout, check=False)
+        lines = Path(args.jsonl).read_text().splitlines()[before:]
+        results["e2e"] = [row for row in map(json.loads, lines) if row.get("section", "").startswith("e2e-")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
