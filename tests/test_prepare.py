@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from nit_lightning.cli.prepare import main as prepare_main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
 from nit_lightning.data.listing import list_labelled_images
-from nit_lightning.data.prepare import PrepareSettings, run_prepare
+from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
 from nit_lightning.data.shards import ShardReader, load_index
 from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 
@@ -76,8 +77,8 @@ BROKEN = {  # file -> how prepare must count it
 }
 
 
-def _make_folder(root: Path) -> Path:
-    write_synthetic(SynthSettings(out=str(root), num_images=GOOD, num_classes=3, min_side=32, max_side=96, seed=0))
+def _make_folder(root: Path, seed: int = 0) -> Path:
+    write_synthetic(SynthSettings(out=str(root), num_images=GOOD, num_classes=3, min_side=32, max_side=96, seed=seed))
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(png, "PNG")
     (root / "c001-ring-1/truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
@@ -181,8 +182,42 @@ def test_resume_redoes_only_the_missing_shard(folder, prepared):
 
 def test_other_settings_on_the_same_output_are_refused(folder, prepared):
     out, _ = prepared
-    with pytest.raises(ValueError, match=r"other settings.*\['dtype'\]"):
+    with pytest.raises(ValueError, match=r"other settings or input files; differs in: dtype 'float16' -> 'bfloat16'"):
         run_prepare(_settings(folder, out, dtype="bfloat16"))
+
+
+def test_rerun_with_another_prefix_is_refused_and_the_index_keeps_one_run(folder, prepared):
+    # Before: the new prefix's shards were written beside the old ones and index.json listed every image twice.
+    out, _ = prepared
+    index_before = load_index(out)
+    with pytest.raises(ValueError, match=r"holds 5 shards that are not part of this plan.*shard-000000.tar.*--prefix"):
+        run_prepare(_settings(folder, out, prefix="other"))
+    assert not list(out.glob("other-*")) and load_index(out) == index_before
+
+
+def test_index_lists_only_the_plan_shards(folder, prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared[0], out)
+    shutil.copy(out / "shard-000000.tar", out / "stray.tar")
+    shutil.copy(out / "shard-000000.json", out / "stray.json")
+    with pytest.raises(ValueError, match="holds 1 shards that are not part of this plan .*stray.tar"):
+        reindex(out)
+    assert prepare_main(["--output", str(out), "--reindex"]) == 2
+    (out / "stray.tar").unlink()
+    assert reindex(out)["num_samples"] == GOOD + 3
+
+
+def test_another_input_folder_with_the_same_names_is_refused(folder, prepared, tmp_path):
+    # Same file names and count, other pixels: before, the finished shards were kept and new ones mixed in.
+    out, _ = prepared
+    other = _make_folder(tmp_path / "other", seed=1)
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(ValueError, match=r"differs in: files_sha1 \(another input folder, or input files rewritten"):
+        run_prepare(_settings(other, out))
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # copy2 keeps sizes and times: the same files elsewhere resume
+    again = run_prepare(_settings(moved, out))
+    assert again["encoded"] == 0 and again["already_complete"] == 5
 
 
 def test_rank_sharding_matches_single_run(folder, prepared, tmp_path, monkeypatch):

@@ -58,12 +58,36 @@ def shard_name(prefix: str, shard_id: int) -> str:
 
 
 def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
-    """What decides the bytes of every shard; a resumed run must match it exactly."""
+    """What decides the bytes of every shard; a resumed run must match it exactly.
+
+    `files_sha1` is the identity (path, size, mtime) of every input file: another folder with the same file names, or
+    files rewritten in place, cannot resume into shards made from the old ones. The input's path itself is recorded in
+    prepare.json but not compared, so that a folder moved with its times (mv, rsync -a) still resumes."""
     return {
         "codec": codec.describe(), "mode": settings.mode, "dtype": settings.dtype, "flip": settings.flip,
         "samples_per_shard": settings.samples_per_shard, "max_area": settings.max_area, "prefix": settings.prefix,
-        "num_items": len(listing.items), "listing_sha1": listing.digest(),
+        "num_items": len(listing.items), "listing_sha1": listing.digest(), "files_sha1": listing.files_digest(),
     }
+
+
+# What a difference in a digest means, for the message that refuses a rerun.
+_DIGESTS = {
+    "listing_sha1": "listing_sha1 (images added, removed or relabelled)",
+    "files_sha1": "files_sha1 (another input folder, or input files rewritten since: their sizes or times differ)",
+}
+
+
+def describe_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """'prefix 'shard' -> 'other', files_sha1 (…)': every key whose value differs, old -> new where that is short."""
+    recorded = recorded or {}
+    parts = []
+    for key in sorted(set(now) | set(recorded)):
+        old, new = recorded.get(key), now.get(key)
+        if old == new:
+            continue
+        parts.append(_DIGESTS.get(key) or (f"{key} {old!r} -> {new!r}" if key not in recorded or
+                                           len(repr(old)) + len(repr(new)) < 120 else key))
+    return ", ".join(parts)
 
 
 def encode_shard(
@@ -209,20 +233,31 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
 
 
 def _check_existing(out: Path, prefix: str, fingerprint: dict[str, Any], num_shards: int) -> None:
-    """Finished shards must come from the same settings and listing, and no shard may lie outside the plan."""
+    """Finished shards must come from the same settings and input files, and the folder may hold no other shards."""
+    _refuse_foreign_shards(out, [shard_name(prefix, s) for s in range(num_shards)])
     for tar in sorted(out.glob(f"{prefix}-" + "[0-9]" * 6 + ".tar")):
         if not shard_is_complete(tar):
             continue
         recorded = json.loads(sidecar_path(tar).read_text()).get("prepare")
         if recorded != fingerprint:
-            changed = sorted(k for k in fingerprint if (recorded or {}).get(k) != fingerprint[k])
             raise ValueError(
-                f"{tar} was written with other settings or another image listing (differs in {changed}); "
-                f"use a new --output directory, or delete the old shards to re-encode"
+                f"{tar} was written with other settings or input files; differs in: "
+                f"{describe_differences(recorded, fingerprint)}; use a new --output directory, or delete the old "
+                f"shards to re-encode"
             )
-        shard_id = int(tar.stem.rsplit("-", 1)[-1])
-        if shard_id >= num_shards:
-            raise ValueError(f"{tar} lies outside the plan of {num_shards} shards; delete it or use a new --output")
+
+
+def _refuse_foreign_shards(out: Path, names: list[str]) -> None:
+    """One folder holds one prepare run: a tar outside the plan (another --prefix, a larger old plan) is refused, so
+    that no index and no reader ever mixes two runs."""
+    planned = set(names)
+    foreign = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
+    if foreign:
+        raise ValueError(
+            f"{out} holds {len(foreign)} shards that are not part of this plan of {len(names)} shards "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}): they come from another run (another "
+            f"--prefix, or more images before); use a new --output directory, or delete them"
+        )
 
 
 def reindex(output: str | Path) -> dict[str, Any]:
@@ -264,4 +299,6 @@ def reindex(output: str | Path) -> dict[str, Any]:
     }
     if written + len(skipped) != settings["counts"]["listed"]:  # every listed file is written or skipped, once
         raise ShardFormatError(f"{written} written + {len(skipped)} skipped != {settings['counts']['listed']} listed")
-    return build_index(out, settings)
+    names = [shard_name(prefix, s) for s in range(num_shards)]
+    _refuse_foreign_shards(out, names)
+    return build_index(out, settings, names=names)

@@ -189,11 +189,15 @@ def write_json_atomic(path: str | Path, content: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_index(directory: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge the sidecars of a directory (sorted by name, never by listdir order) into `index.json`."""
+def build_index(
+    directory: str | Path, settings: dict[str, Any] | None = None, names: list[str] | None = None
+) -> dict[str, Any]:
+    """Merge the sidecars of the shards `names` (default: every *.tar of the directory, sorted by name, never by
+    listdir order) into `index.json`. `prepare` passes its plan's names: a folder's other tars are not its data."""
     directory = Path(directory)
     shards = []
-    for tar_path in sorted(directory.glob("*.tar")):
+    paths = sorted(directory.glob("*.tar")) if names is None else [directory / name for name in names]
+    for tar_path in paths:
         if not sidecar_path(tar_path).exists():
             raise ShardFormatError(f"shard {tar_path} has no sidecar {sidecar_path(tar_path).name}: it is unfinished")
         shards.append(json.loads(sidecar_path(tar_path).read_text()))
