@@ -315,3 +315,24 @@ def test_exif_orientation_is_applied_and_counted(tmp_path):
     assert loaded.size == (20, 40) and conversions == ["exif-orientation"]
     Image.new("RGB", (40, 20)).save(tmp_path / "plain.jpg")
     assert load_rgb(tmp_path / "plain.jpg")[1] == []
+
+
+def test_max_area_below_one_latent_pixel_is_refused_up_front(folder, tmp_path, capsys):
+    # Before: every shard failed with "math domain error" (√ of a negative area) and the command exited 1.
+    code = prepare_main(["--input", str(folder), "--output", str(tmp_path / "out"), "--codec", "pixel:32",
+                         "--max-area", "-5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--max-area -5 is below one latent pixel (32² = 1024 pixels)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_samples_written_is_an_error_and_leaves_no_index(tmp_path, capsys):
+    # Before: every image skipped, exit code 0 and an index.json of 0 samples that looked like a prepared folder.
+    (tmp_path / "in" / "c0").mkdir(parents=True)
+    Image.new("RGB", (40, 16)).save(tmp_path / "in" / "c0" / "tiny.png")
+    (tmp_path / "in" / "c0" / "text.jpg").write_text("not a JPEG")
+    code = prepare_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--codec", "pixel:32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "prepare wrote 0 samples: all 2 listed images were skipped (too-small: 1, unreadable: 1)" in err[0]
+    assert not (tmp_path / "out" / "index.json").exists()

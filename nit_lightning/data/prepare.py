@@ -15,7 +15,14 @@ import torch
 
 from nit_lightning import distributed
 from nit_lightning.data.codecs import Codec, codec_from_spec
-from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, load_rgb, parse_mode
+from nit_lightning.data.imageops import (
+    BadImage,
+    apply_mode,
+    default_max_area,
+    image_to_tensor,
+    load_rgb,
+    parse_mode,
+)
 from nit_lightning.data.listing import Listing, list_labelled_images
 from nit_lightning.data.shards import (
     LATENT_DTYPES,
@@ -173,6 +180,14 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     settings.device = str(distributed.device_for(settings.device, ranks.local_rank))
     codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
     parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
+    if settings.max_area is not None and settings.max_area < codec.factor**2:
+        raise ValueError(
+            f"--max-area {settings.max_area} is below one latent pixel ({codec.factor}² = {codec.factor**2} pixels); "
+            f"it caps the pixel area of `native` images: leave it out for the default "
+            f"(64·{codec.factor})² = {default_max_area(codec.factor)}"
+        )
+    if settings.num_workers < 0:
+        raise ValueError(f"--num-workers {settings.num_workers} must be ≥ 0")
     listing = list_labelled_images(settings.input, settings.labels)
     if not listing.items:
         raise ValueError(
@@ -299,6 +314,12 @@ def reindex(output: str | Path) -> dict[str, Any]:
     }
     if written + len(skipped) != settings["counts"]["listed"]:  # every listed file is written or skipped, once
         raise ShardFormatError(f"{written} written + {len(skipped)} skipped != {settings['counts']['listed']} listed")
+    if written == 0:  # no index: a folder without samples must not look prepared (the demo reuses any index.json)
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in settings["counts"]["skipped"].items())
+        raise ValueError(
+            f"prepare wrote 0 samples: all {settings['counts']['listed']} listed images were skipped ({reasons}); "
+            f"each file's reason is in {out / PLAN_NAME} and the sidecars {prefix}-*.json"
+        )
     names = [shard_name(prefix, s) for s in range(num_shards)]
     _refuse_foreign_shards(out, names)
     return build_index(out, settings, names=names)
