@@ -229,9 +229,25 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
     return image, conversions
 
 
+# x = uint8 / 127.5 − 1 for the 256 values, computed by the CPU kernel. On the CPU the same arithmetic runs directly
+# (the table is its definition; a test checks every value); elsewhere a gather from the table gives the same floats
+# (CUDA divides by a scalar as a multiplication by its reciprocal, which can differ in the last bit), so latents encoded
+# on a GPU from uint8 pixels match those of the CPU conversion.
+_UNIT = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], x = uint8 / 127.5 − 1, bit-identical everywhere."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.device.type == "cpu":  # in place after the one allocation: fresh buffers cost more than the arithmetic
+        return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+    return _UNIT.to(pixels.device)[pixels.long()]
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]: x = uint8 / 127.5 − 1."""
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+    return pixels_to_unit(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))))
