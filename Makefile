@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/packing.py
 	$(PY) bench/train_step.py
 	$(PY) bench/sampling.py
+	$(PY) bench/prepare.py
 
 gpu-check: install
 	$(PY) bench/gpu_check.py --out outputs/gpu_check.json

@@ -33,6 +33,8 @@ def test_config_parses_with_print_config(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["net"]["name"].startswith("NiT-")
     assert printed["trainer"]["gradient_clip_val"] == 1.0
+    # Skipped data (on_error=skip) reaches TensorBoard and a summary line in every experiment.
+    assert any(c["class_path"].endswith(".DataHealthMonitor") for c in printed["trainer"]["callbacks"])
     if config.stem in PAPER:  # SPEC §6 recipe
         model, trainer = printed["model"], printed["trainer"]
         assert (model["lr"], model["betas"], model["weight_decay"], model["eps"]) == (1e-4, [0.9, 0.95], 0.01, 1e-6)

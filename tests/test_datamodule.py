@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers.shards import write_latent_shards
-from nit_lightning.data.datamodule import NativeLatentDataModule
+from nit_lightning.data.datamodule import NativeLatentDataModule, TooMuchSkipped
 from nit_lightning.data.shards import ShardReadError
 from nit_lightning.models.patching import patchify
 
@@ -145,12 +145,14 @@ def test_corrupt_shard_skip_counts_and_logs(data, caplog):
     clean = make(tmp_path)
     packs_before = len(clean.train_dataloader())
     truncate_shard(tmp_path)
-    dm = make(tmp_path, on_error="skip")
+    dm = make(tmp_path, on_error="skip", max_skipped_fraction=1.0)
     with caplog.at_level(logging.WARNING):
         keys = epoch_keys(dm)
     assert len(keys) == packs_before  # every rank keeps its pack count
     stats = dm.stats["train"]
     assert 0 < stats.skipped_samples < 40 and stats.images + stats.skipped_samples == len(stored)
+    assert stats.skipped_shards == 1 and stats.planned_samples == len(stored)
+    assert stats.skipped_fraction == stats.skipped_samples / len(stored)
     assert "shard-000001.tar" in caplog.text and "loses a sample" in caplog.text
 
 
@@ -158,13 +160,71 @@ def test_corrupt_shard_whole_packs_lost_keep_count(data, caplog):
     tmp_path, stored = data
     packs_before = len(make(tmp_path, max_images_per_pack=1).train_dataloader())
     truncate_shard(tmp_path)
-    dm = make(tmp_path, max_images_per_pack=1)  # one sample per pack: a lost sample loses its whole pack
+    dm = make(tmp_path, max_images_per_pack=1, max_skipped_fraction=1.0)  # a lost sample loses its whole pack
     with caplog.at_level(logging.WARNING):
         keys = epoch_keys(dm)
     assert len(keys) == packs_before
     repeats = [pack for pack in keys if pack[0].startswith("(repeat) ")]
     stats = dm.stats["train"]
     assert 0 < len(repeats) == stats.skipped_samples < 40 and "stands in" in caplog.text
+    assert stats.skipped_shards == 1
+
+
+def test_skipping_more_than_the_limit_fails_the_epoch(data):
+    # Before: any share of the data could be skipped with on_error=skip, silently but for per-sample warnings.
+    tmp_path, _ = data
+    truncate_shard(tmp_path)  # about 20 of 150 samples: well over the default 1%
+    with pytest.raises(TooMuchSkipped, match=r"train epoch 0, rank 0: \d+ of the 150 planned samples .* from 1 shards "
+                                             r"\(native/shard-000001.tar\); the limit is max_skipped_fraction=0.01"):
+        epoch_keys(make(tmp_path))
+    assert len(epoch_keys(make(tmp_path, max_skipped_fraction=0.5))) > 0  # under a looser limit the epoch completes
+    with pytest.raises(ValueError, match="max_skipped_fraction=2"):
+        make(tmp_path, max_skipped_fraction=2)
+
+
+def _stale_index(tmp_path: Path) -> int:
+    """Rewrite index.json of `native` as if every sample of its first shard were 1×1; returns how many are not."""
+    import json
+
+    path = tmp_path / "native" / "index.json"
+    index = json.loads(path.read_text())
+    from nit_lightning.data.shards import ShardReader
+
+    real = [s.num_tokens for s in ShardReader().samples(tmp_path / "native" / "shard-000000.tar")]
+    index["shards"][0]["lengths"] = [1] * len(real)
+    path.write_text(json.dumps(index))
+    return sum(n != 1 for n in real)
+
+
+def test_a_stale_index_is_caught_not_trusted(data, caplog):
+    # Before: the packer trusted the index's 1-token lengths and packs of hundreds of tokens went to a 64-token budget.
+    tmp_path, stored = data
+    wrong = _stale_index(tmp_path)
+    assert wrong > 20
+    with pytest.raises(ShardReadError, match=r"latent \(\d+ tokens at patch size 1\), but index.json plans 1 tokens "
+                                             r"of 4 channels: the index does not describe this shard .*--reindex"):
+        epoch_keys(make(tmp_path, on_error="raise"))
+    dm = make(tmp_path, on_error="skip", max_skipped_fraction=1.0)
+    with caplog.at_level(logging.WARNING):
+        packs = list(dm.train_dataloader())
+    assert all(batch.num_tokens <= 64 for batch in packs)
+    assert dm.stats["train"].skipped_samples == wrong and dm.stats["train"].skipped_shards == 1
+    with pytest.raises(TooMuchSkipped):  # and under the default limit the run stops
+        epoch_keys(make(tmp_path))
+
+
+@pytest.mark.parametrize("buffer_size", [0, 8192])
+def test_a_too_small_token_budget_says_which_sample_and_what_to_do(data, buffer_size):
+    # Before: "source …, sample #3: sample 7 has length 110": two numbers for one sample (the second its epoch position).
+    tmp_path, stored = data
+    longest = max(latent.shape[1] * latent.shape[2] for latent, _, _ in stored.values())
+    too_long = sum(latent.shape[1] * latent.shape[2] > 20 for latent, _, _ in stored.values())
+    with pytest.raises(ValueError) as error:
+        len(make(tmp_path, tokens_per_pack=20, buffer_size=buffer_size).train_dataloader())
+    message = str(error.value)
+    assert message.startswith(f"tokens_per_pack=20 is smaller than {too_long} samples, the longest {longest} tokens "
+                              f"(the first: source {tmp_path / 'native'}, shard shard-000000.tar, sample #")
+    assert f"raise tokens_per_pack to at least {longest}" in message and "has length" not in message
 
 
 @pytest.mark.parametrize("flip_prob", [0.0, 1.0, 0.5])
@@ -311,6 +371,32 @@ def test_lightning_resume_mid_epoch(data, tmp_path):
                                               ckpt_path=tmp_path / "b.ckpt")  # fmt: skip
     assert len(full) == total
     assert first[:5] + second[:3] + resumed == full
+
+
+@pytest.mark.parametrize("max_steps", [-1, 5])  # a whole epoch, and a run stopped mid-epoch by max_steps
+def test_skipped_data_reaches_the_logger_and_a_summary_line(data, caplog, max_steps):
+    import lightning as L
+
+    from nit_lightning.training.callbacks import DataHealthMonitor
+
+    root, stored = data
+    truncate_shard(root)
+    dm = make(root, max_skipped_fraction=1.0)
+    trainer = L.Trainer(max_epochs=1, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[DataHealthMonitor()])
+    with caplog.at_level(logging.INFO, logger="nit_lightning.training.callbacks"):
+        trainer.fit(_Recorder.build([]), datamodule=dm)
+    stats = dm.stats["train"]
+    assert stats.skipped_samples > 0 and stats.skipped_shard_names == ["native/shard-000001.tar"]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
+    assert metrics == {"data/skipped_samples": stats.skipped_samples, "data/skipped_shards": 1.0,
+                       "data/planned_samples": stats.planned_samples,
+                       "data/skipped_fraction": pytest.approx(stats.skipped_samples / stats.planned_samples)}
+    line = [r.getMessage() for r in caplog.records if "train epoch 0 data:" in r.getMessage()]
+    assert len(line) == 1 and f"{stats.skipped_samples} skipped" in line[0] and "native/shard-000001.tar" in line[0]
+    if max_steps == -1:
+        assert stats.planned_samples == len(stored)
 
 
 def test_jsonargparse_config(data):

@@ -26,7 +26,7 @@ def test_config_extends_and_fills_only_its_placeholders(tmp_path):
     sources = [{"path": "a", "weight": 1.0}]
     config = fill(demo.config["fit"], run="mix-s1", seed=1, sources=sources)
     assert config["data"]["sources"] == sources and config["seed_everything"] == 1 and config["model"]["seed"] == 1
-    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
     assert callbacks["ModelCheckpoint"]["dirpath"] == f"{tmp_path}/runs/mix-s1/checkpoints"
     assert "${" not in json.dumps(config)  # every placeholder filled
 

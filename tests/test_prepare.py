@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from nit_lightning.cli.prepare import main as prepare_main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
 from nit_lightning.data.listing import list_labelled_images
-from nit_lightning.data.prepare import PrepareSettings, run_prepare
+from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
 from nit_lightning.data.shards import ShardReader, load_index
 from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 
@@ -76,8 +77,8 @@ BROKEN = {  # file -> how prepare must count it
 }
 
 
-def _make_folder(root: Path) -> Path:
-    write_synthetic(SynthSettings(out=str(root), num_images=GOOD, num_classes=3, min_side=32, max_side=96, seed=0))
+def _make_folder(root: Path, seed: int = 0) -> Path:
+    write_synthetic(SynthSettings(out=str(root), num_images=GOOD, num_classes=3, min_side=32, max_side=96, seed=seed))
     png = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(png, "PNG")
     (root / "c001-ring-1/truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
@@ -181,8 +182,42 @@ def test_resume_redoes_only_the_missing_shard(folder, prepared):
 
 def test_other_settings_on_the_same_output_are_refused(folder, prepared):
     out, _ = prepared
-    with pytest.raises(ValueError, match=r"other settings.*\['dtype'\]"):
+    with pytest.raises(ValueError, match=r"other settings or input files; differs in: dtype 'float16' -> 'bfloat16'"):
         run_prepare(_settings(folder, out, dtype="bfloat16"))
+
+
+def test_rerun_with_another_prefix_is_refused_and_the_index_keeps_one_run(folder, prepared):
+    # Before: the new prefix's shards were written beside the old ones and index.json listed every image twice.
+    out, _ = prepared
+    index_before = load_index(out)
+    with pytest.raises(ValueError, match=r"holds 5 shards that are not part of this plan.*shard-000000.tar.*--prefix"):
+        run_prepare(_settings(folder, out, prefix="other"))
+    assert not list(out.glob("other-*")) and load_index(out) == index_before
+
+
+def test_index_lists_only_the_plan_shards(folder, prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared[0], out)
+    shutil.copy(out / "shard-000000.tar", out / "stray.tar")
+    shutil.copy(out / "shard-000000.json", out / "stray.json")
+    with pytest.raises(ValueError, match="holds 1 shards that are not part of this plan .*stray.tar"):
+        reindex(out)
+    assert prepare_main(["--output", str(out), "--reindex"]) == 2
+    (out / "stray.tar").unlink()
+    assert reindex(out)["num_samples"] == GOOD + 3
+
+
+def test_another_input_folder_with_the_same_names_is_refused(folder, prepared, tmp_path):
+    # Same file names and count, other pixels: before, the finished shards were kept and new ones mixed in.
+    out, _ = prepared
+    other = _make_folder(tmp_path / "other", seed=1)
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(ValueError, match=r"differs in: files_sha1 \(another input folder, or input files rewritten"):
+        run_prepare(_settings(other, out))
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)  # copy2 keeps sizes and times: the same files elsewhere resume
+    again = run_prepare(_settings(moved, out))
+    assert again["encoded"] == 0 and again["already_complete"] == 5
 
 
 def test_rank_sharding_matches_single_run(folder, prepared, tmp_path, monkeypatch):
@@ -240,31 +275,112 @@ def test_folder_without_classes_needs_labels(tmp_path):
         list_labelled_images(tmp_path)
 
 
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    """Every shard and sidecar of a run (prepare.json and index.json name the run's own settings: left out)."""
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
+
+
 @pytest.mark.slow
-def test_worker_processes_write_the_same_shards(folder, prepared, tmp_path):
-    out, _ = prepared
-    result = run_prepare(_settings(folder, tmp_path, num_workers=2))
+@pytest.mark.parametrize("workers, batch", [(2, 5), (0, 1), (1, 64)])
+def test_shards_do_not_depend_on_batch_size_or_workers(folder, prepared, tmp_path, workers, batch):
+    out, _ = prepared  # batch 3, decoded in this process
+    result = run_prepare(_settings(folder, tmp_path, num_workers=workers, batch_size=batch))
     assert result["encoded"] == 5 and not result["failed"]
-    for tar in sorted(out.glob("*.tar")):
-        assert _members(tmp_path / tar.name) == _members(tar)
+    assert _shard_bytes(tmp_path) == _shard_bytes(out)  # tars and sidecars, byte for byte
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("bench_prepare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_same_bytes_as_todays_per_window_path(folder, prepared, tmp_path):
+    # bench/prepare.py keeps the per-shard loop of before the pipeline: the pipeline must write exactly its bytes.
+    out, _ = prepared
+    result = _bench().run_today(_settings(folder, tmp_path), processes=0)
+    assert result["images"] == GOOD + 3 and _shard_bytes(tmp_path) == _shard_bytes(out)
+
+
+def _two_sizes(root: Path, count: int = 12) -> Path:
+    """`count` images alternating 64×96 and 96×64 (A B A B …): the worst case for grouping consecutive images."""
+    (root / "c0").mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (96, 64) if i % 2 else (64, 96), (i * 20, 0, 0)).save(root / "c0" / f"{i:03d}.png")
+    return root
+
+
+def test_equal_sizes_share_codec_calls_across_the_shard(tmp_path):
+    images = _two_sizes(tmp_path / "in")
+    settings = dict(input=str(images), codec="pixel:32", samples_per_shard=100)
+    # batch 4: 6 of each size -> calls of 4 + 2 per size = 4 calls; today's windows of 4 (A B A B) made 2 per window = 6.
+    new = run_prepare(PrepareSettings(output=str(tmp_path / "new"), batch_size=4, **settings))
+    today = _bench().run_today(PrepareSettings(output=str(tmp_path / "today"), batch_size=4, **settings), processes=0)
+    assert (new["codec_calls"], today["codec_calls"]) == (4, 6) and new["images_encoded"] == 12
+    # With --flip an image and its mirror share one call: batch 12 holds 6 images of a size and their 6 mirrors.
+    flipped = run_prepare(PrepareSettings(output=str(tmp_path / "flip"), batch_size=12, flip=True, **settings))
+    assert flipped["codec_calls"] == 2
+    assert _shard_bytes(tmp_path / "new") == _shard_bytes(tmp_path / "today")
+
+
+def test_memory_cap_flushes_early_and_keeps_the_bytes(folder, prepared, tmp_path, monkeypatch):
+    from nit_lightning.data import encode
+
+    monkeypatch.setattr(encode, "MAX_PENDING_BYTES", 1)  # nothing may wait: every image goes to the codec at once
+    result = run_prepare(_settings(folder, tmp_path))
+    assert result["codec_calls"] == result["images_encoded"] == GOOD + 3  # one call per image (and its mirror)
+    assert _shard_bytes(tmp_path) == _shard_bytes(prepared[0])
+
+
+def test_a_codec_failure_fails_its_shard_only(folder, tmp_path, monkeypatch):
+    from nit_lightning.data import encode
+
+    real = encode.BucketEncoder.encode
+
+    def failing(self, bucket):
+        if bucket[0].shard == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, bucket)
+
+    monkeypatch.setattr(encode.BucketEncoder, "encode", failing)
+    result = run_prepare(_settings(folder, tmp_path, num_workers=2))
+    assert list(result["failed"]) == [2] and "CUDA out of memory" in result["failed"][2] and result["encoded"] == 4
+    assert not (tmp_path / "shard-000002.tar").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_pixels_become_the_same_floats_by_table_and_by_arithmetic():
+    from nit_lightning.data.imageops import _UNIT, image_to_tensor, pixels_to_unit
+
+    values = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(pixels_to_unit(values), _UNIT)  # the CPU path is the table's definition, value by value
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, size=(2, 3, 37, 53), dtype=np.uint8))
+    assert torch.equal(pixels_to_unit(pixels), _UNIT[pixels.long()])  # what a GPU computes, by gather
+    image = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
+    old = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+    assert torch.equal(image_to_tensor(image), old)  # the conversion of before the pipeline
 
 
 def test_a_failing_shard_is_reported_and_the_rest_finish(folder, tmp_path, monkeypatch):
     import nit_lightning.data.prepare as prepare_module
 
-    real = prepare_module.encode_shard
+    real = prepare_module.close_shard
 
-    def flaky(shard_id, *args):
-        if shard_id == 1:
+    def flaky(state, *args):
+        if state.shard == 1:
             raise RuntimeError("simulated out-of-memory")
-        return real(shard_id, *args)
+        return real(state, *args)
 
-    monkeypatch.setattr(prepare_module, "encode_shard", flaky)
+    monkeypatch.setattr(prepare_module, "close_shard", flaky)
     result = run_prepare(_settings(folder, tmp_path))
     assert list(result["failed"]) == [1] and "simulated out-of-memory" in result["failed"][1]
     assert result["encoded"] == 4 and result["index"] is None and not (tmp_path / "index.json").exists()
     assert not list(tmp_path.glob("*.tmp"))  # the failed shard left nothing half-written
-    monkeypatch.setattr(prepare_module, "encode_shard", real)
+    monkeypatch.setattr(prepare_module, "close_shard", real)
     again = run_prepare(_settings(folder, tmp_path))
     assert again["encoded"] == 1 and load_index(tmp_path)["num_samples"] == GOOD + 3
 
@@ -280,3 +396,38 @@ def test_exif_orientation_is_applied_and_counted(tmp_path):
     assert loaded.size == (20, 40) and conversions == ["exif-orientation"]
     Image.new("RGB", (40, 20)).save(tmp_path / "plain.jpg")
     assert load_rgb(tmp_path / "plain.jpg")[1] == []
+
+
+def test_max_area_below_one_latent_pixel_is_refused_up_front(folder, tmp_path, capsys):
+    # Before: every shard failed with "math domain error" (√ of a negative area) and the command exited 1.
+    code = prepare_main(["--input", str(folder), "--output", str(tmp_path / "out"), "--codec", "pixel:32",
+                         "--max-area", "-5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--max-area -5 is below one latent pixel (32² = 1024 pixels)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_samples_written_is_an_error_and_leaves_no_index(tmp_path, capsys):
+    # Before: every image skipped, exit code 0 and an index.json of 0 samples that looked like a prepared folder.
+    (tmp_path / "in" / "c0").mkdir(parents=True)
+    Image.new("RGB", (40, 16)).save(tmp_path / "in" / "c0" / "tiny.png")
+    (tmp_path / "in" / "c0" / "text.jpg").write_text("not a JPEG")
+    code = prepare_main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--codec", "pixel:32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "prepare wrote 0 samples: all 2 listed images were skipped (too-small: 1, unreadable: 1)" in err[0]
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+@pytest.mark.slow
+def test_bench_runs_both_paths_and_checks_their_bytes(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "prepare.py"), "--images", "8", "--samples-per-shard",
+                          "4", "--repeats", "1", "--workers", "2"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 6 and all(line.endswith("| yes |") for line in table[1:])  # header + 5 runs, same bytes

@@ -1,12 +1,14 @@
 """The shard format: latent encodings, sample members, atomic writer, sidecars and index."""
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
 import torch
 
 from nit_lightning.data import shards
+from nit_lightning.data.shards import ShardWriter, sample_members
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -65,3 +67,30 @@ def test_unfinished_shard_and_missing_index_are_reported(tmp_path):
         shards.build_index(tmp_path)
     with pytest.raises(FileNotFoundError, match="prepare"):
         shards.load_index(tmp_path / "nowhere")
+
+
+class _FullDisk:
+    """A file object whose writes fail as on a full disk; closing still closes the real file."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        self.handle.close()
+
+
+@pytest.mark.parametrize("finish", ["abort", "close"])
+def test_full_disk_never_leaks_the_tmp_tar(tmp_path, finish):
+    # Before: abort() re-raised from the tar's close (its end blocks cannot be written) before removing the .tar.tmp.
+    writer = ShardWriter(tmp_path / "shard-000000.tar")
+    writer.write("a", sample_members("a", torch.zeros(3, 2, 2), 0), 4)
+    writer._tar.fileobj = _FullDisk(writer._tar.fileobj)
+    if finish == "abort":
+        writer.abort()  # silent: the error that made us abort is the one to report
+    else:
+        with pytest.raises(OSError, match="No space left"):
+            writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from nit_lightning.cli.synth import main as synth_main
@@ -80,3 +81,30 @@ def test_bar_lies_along_the_long_side():
         rows, cols = np.nonzero(colour)
         extent_h, extent_w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
         assert (extent_w > 2 * extent_h) if w > h else (extent_h > 2 * extent_w)
+
+
+def test_other_settings_into_the_same_folder_are_refused_not_mixed(tmp_path, capsys):
+    # Before: 20 images, then 10 with other sizes: the 10 were overwritten and the other 10 stayed, stale, next to them.
+    base = ["--out", str(tmp_path / "set"), "--num-classes", "2", "--min-side", "32", "--max-side", "64"]
+    assert synth_main(base + ["--num-images", "20"]) == 0
+    before = _digests(tmp_path / "set")
+    assert synth_main(base + ["--num-images", "10", "--max-side", "48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (max_side 64 -> 48, num_images 20 -> 10)" in err[0]
+    assert _digests(tmp_path / "set") == before  # untouched
+    assert synth_main(base + ["--num-images", "20"]) == 0 and _digests(tmp_path / "set") == before  # same: rewritten
+
+
+def test_a_cut_short_set_resumes_and_a_foreign_folder_is_refused(tmp_path):
+    settings = SynthSettings(out=str(tmp_path / "set"), num_images=6, num_classes=2, min_side=32, max_side=48)
+    write_synthetic(settings)
+    complete = _digests(tmp_path / "set")
+    (tmp_path / "set" / "synth.json").unlink()  # as if killed before the end: only the partial marker says what it is
+    (tmp_path / "set" / "synth.partial.json").write_text(json.dumps({"settings": {
+        k: v for k, v in settings.__dict__.items() if k != "out"}}))
+    write_synthetic(settings)
+    assert _digests(tmp_path / "set") == complete and not (tmp_path / "set" / "synth.partial.json").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ValueError, match="not empty and holds no synth.json"):
+        write_synthetic(SynthSettings(out=str(tmp_path / "mine"), num_images=2))

@@ -18,7 +18,7 @@ log = logging.getLogger("prepare")
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("prepare", "Images (class sub-folders, or a flat folder + --labels) -> latent shards. Resumable; "
-                               "parallel over shards with --num-workers and over ranks under torchrun/srun.")
+                               "decoding in --num-workers processes, one codec per rank (torchrun/srun: one per GPU).")
     p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels")
     p.add_argument("--output", required=True, help="shard directory (shards, sidecars, index.json, classes.json)")
     p.add_argument("--mode", default="native", help=MODES_HELP)
@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class")
     p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored image")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--num-workers", type=int, default=0, help="processes over shards (0 or 1: this process)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="decode + resize processes feeding this process's codec (0: decode in this process)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="storage dtype of latents")
     p.add_argument("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun/srun) or cuda:N")
-    p.add_argument("--batch-size", type=int, default=16, help="images per codec call (equal sizes batch)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="codec inputs per call: images of equal size anywhere in a shard (an image + its mirror = 2)")
     p.add_argument("--prefix", default="shard", help="shard names are PREFIX-%%06d.tar")
     p.add_argument("--max-area", type=int, default=None, help="native area cap in pixels (default (64·factor)²)")
     p.add_argument("--reindex", action="store_true", help="only rebuild index.json from finished shards")

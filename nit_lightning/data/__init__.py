@@ -1,7 +1,8 @@
 """Images -> latent shards -> packs: everything before the model sees a token.
 
 listing.py (which files, which labels), imageops.py (RGB, the native / fixed-S resize rules), codecs.py (pixel, DC-AE,
-tinyae), prepare.py (images -> shards), shards.py (the shard format: writer, reader, index; tar_scan.py under it),
-synthetic.py (the procedural demo set), packing.py (LPFHP), epochs.py (which samples go in which pack on which rank),
-datamodule.py (the LightningDataModule), batch.py (PackedBatch), sizes.py ("HxW" sizes), lengths.py (recipe lengths).
+tinyae), prepare.py (images -> shards), encode.py (prepare's decode workers and size-grouped codec calls), shards.py
+(the shard format: writer, reader, index; tar_scan.py under it), synthetic.py (the procedural demo set), packing.py
+(LPFHP), epochs.py (which samples go in which pack on which rank), datamodule.py (the LightningDataModule), batch.py
+(PackedBatch), sizes.py ("HxW" sizes), lengths.py (recipe lengths).
 """

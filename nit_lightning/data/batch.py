@@ -16,6 +16,7 @@ class PackedBatch:
     seqlens: torch.Tensor  # (B,) long, h_i · w_i
     keys: list[str] = field(default_factory=list)  # source keys, for logging and debugging only
     repa_z: torch.Tensor | None = None  # (N, z_dim) frozen-encoder features per token, when REPA is on
+    dropped: list[str] = field(default_factory=list)  # "<dir>/<shard>" of each planned sample left out (on_error=skip)
 
     def __post_init__(self) -> None:
         if self.hw.ndim != 2 or self.hw.shape[1] != 2:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
@@ -22,6 +23,10 @@ ON_ERROR = ("skip", "raise")
 REPEAT_MARK = "(repeat) "  # key prefix of a stand-in pack whose own samples all failed
 
 
+class TooMuchSkipped(RuntimeError):
+    """on_error='skip' took out more than max_skipped_fraction of an epoch's planned samples: the run stops."""
+
+
 @dataclass
 class LoaderStats:
     """What one loader delivered this epoch, counted in the consuming process (a callback can log these)."""
@@ -31,11 +36,18 @@ class LoaderStats:
     images: int = 0
     tokens: int = 0
     skipped_samples: int = 0  # planned samples that a corrupt shard/sample took out of their pack
+    skipped_shards: int = 0  # distinct shards that lost at least one sample this epoch
+    skipped_shard_names: list[str] = field(default_factory=list)  # "<dir>/<shard>" of those, sorted
+    planned_samples: int = 0  # samples of the packs delivered so far, as planned (skipped ones included)
     seconds: float = 0.0  # wall time since the epoch's iterator started
     wait_seconds: float = 0.0  # time the consumer waited for the next pack (≈ 0 when loading keeps up)
     last_pack_tokens: int = 0
     last_pack_images: int = 0
     plan_efficiency: float = 0.0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped_samples / self.planned_samples if self.planned_samples else 0.0
 
     @property
     def samples_per_s(self) -> float:
@@ -47,7 +59,9 @@ class LoaderStats:
 
     def as_dict(self) -> dict[str, float]:
         out = asdict(self)
-        out.update(samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s)
+        out.pop("skipped_shard_names")
+        out.update(samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s,
+                   skipped_fraction=self.skipped_fraction)
         return out
 
 
@@ -68,48 +82,71 @@ class PackDataset(IterableDataset):
         last_good: PackedBatch | None = None
         mine = range(self.start + worker, len(self.plan), workers)
         for j in mine:
-            batch = self.load_pack(j, reader)
+            batch, dropped = self.load_pack(j, reader)
             if batch is None:  # every sample failed: an empty step would hang DDP, so stand in another pack, marked
-                stand_in = last_good or next((b for k in mine if k > j if (b := self.load_pack(k, reader))), None)
+                later = (b for k in mine if k > j if (b := self.load_pack(k, reader)[0]) is not None)
+                stand_in = last_good or next(later, None)
                 if stand_in is None:
                     raise ShardReadError(f"epoch {self.plan.epoch}: pack {j} and all later packs of this worker failed")
                 log.error("epoch %d pack %d: all samples failed; a copy of another pack stands in", self.plan.epoch, j)
-                batch = replace(stand_in, keys=[REPEAT_MARK + key.removeprefix(REPEAT_MARK) for key in stand_in.keys])
+                keys = [REPEAT_MARK + key.removeprefix(REPEAT_MARK) for key in stand_in.keys]
+                batch = replace(stand_in, keys=keys, dropped=dropped)
             else:
                 last_good = batch
             yield batch
 
-    def load_pack(self, j: int, reader: ShardReader) -> PackedBatch | None:
-        """Read and patchify pack j; with on_error='skip' a failed sample is logged and left out."""
+    def load_pack(self, j: int, reader: ShardReader) -> tuple[PackedBatch | None, list[str]]:
+        """Read and patchify pack j -> (batch, "<dir>/<shard>" of each sample left out); with on_error='skip' a failed
+        sample is logged and left out; batch is None when all failed."""
         ids, flips = self.plan.pack(j)
+        planned = self.plan.pack_tokens(j)  # tokens per sample from index.json: what the packing trusted
         places = [locate(self.sources, int(i)) for i in ids]
         latents: list[torch.Tensor | None] = [None] * len(ids)
-        labels, keys = [0] * len(ids), [""] * len(ids)
+        labels, keys, dropped = [0] * len(ids), [""] * len(ids), []
+        p = self.patch_size
         for i in sorted(range(len(ids)), key=places.__getitem__):  # shard by shard, in file order
             s, shard, position = places[i]
             source = self.sources[s]
+            path = source.path / source.shard_names[shard]
             try:
-                sample, _ = reader.read(source.path / source.shard_names[shard], position, flip=bool(flips[i]))
+                sample, _ = reader.read(path, position, flip=bool(flips[i]))
+                check_planned(path, sample.key, sample.latent, int(planned[i]), p, source.index.get("latent_channels"))
             except ShardReadError as error:
                 if self.on_error == "raise":
                     raise
                 log.warning("epoch %d pack %d loses a sample (on_error=skip): %s", self.plan.epoch, j, error)
+                dropped.append(f"{source.path.name}/{source.shard_names[shard]}")
                 continue
             latents[i] = sample.latent  # the mirrored latent when the plan says flip and the shard has one
             labels[i] = sample.cls
             keys[i] = f"{source.path.name}/{source.shard_names[shard].removesuffix('.tar')}/{sample.key}"
         kept = [i for i in range(len(ids)) if latents[i] is not None]
         if not kept:
-            return None
-        tokens = [patchify(latents[i].float(), self.patch_size) for i in kept]  # (h·w/p², C·p·p) each, float32
-        p = self.patch_size
+            return None, dropped
+        tokens = [patchify(latents[i].float(), p) for i in kept]  # (h·w/p², C·p·p) each, float32
         hw = torch.tensor([[latents[i].shape[1] // p, latents[i].shape[2] // p] for i in kept], dtype=torch.long)
-        return PackedBatch(
+        batch = PackedBatch(
             x=torch.cat(tokens, dim=0),
             hw=hw,
             y=torch.tensor([labels[i] for i in kept], dtype=torch.long),
             seqlens=hw[:, 0] * hw[:, 1],
             keys=[keys[i] for i in kept],
+            dropped=dropped,
+        )
+        return batch, dropped
+
+
+def check_planned(path, key: str, latent: torch.Tensor, planned: int, patch_size: int, channels: int | None) -> None:
+    """A latent must be what index.json promised: the packer budgeted `planned` tokens for it (a stale index once gave
+    packs of 2371 tokens against a budget of 512, an OOM on a GPU, with packing efficiency logged as 1.0)."""
+    c, h, w = latent.shape
+    real = (h // patch_size) * (w // patch_size)
+    if h % patch_size or w % patch_size or real != planned or (channels is not None and c != channels):
+        raise ShardReadError(
+            f"shard {path}: sample {key!r} is a {c}×{h}×{w} latent ({real} tokens at patch size {patch_size}), but "
+            f"index.json plans {planned} tokens of {channels} channels: the index does not describe this shard (stale, "
+            f"or the shard was replaced); rebuild it with `python -m nit_lightning prepare --output "
+            f"{Path(path).parent} --reindex`, or prepare the folder again"
         )
 
 
@@ -136,6 +173,10 @@ class PackLoader(DataLoader):
         self.dataset.plan, self.dataset.start = rank_plan, start
         stats = LoaderStats(epoch=epoch, plan_efficiency=plan.efficiency)
         self._owner.stats[self._kind] = stats
+        # The limit holds over what this iterator will deliver (from `start` on a resume): it fails as soon as the
+        # count is certain to exceed it, not after training on the rest of a damaged epoch.
+        limit = self._owner.max_skipped_fraction * int(rank_plan.offsets[-1] - rank_plan.offsets[start])
+        damaged: set[str] = set()
         began = time.perf_counter()
         iterator = super().__iter__()
         j = start
@@ -152,11 +193,26 @@ class PackLoader(DataLoader):
             stats.tokens += batch.num_tokens
             repeated = bool(batch.keys) and batch.keys[0].startswith(REPEAT_MARK)
             stats.skipped_samples += planned if repeated else max(planned - batch.num_images, 0)
+            stats.planned_samples += planned
+            if batch.dropped:
+                damaged.update(batch.dropped)
+                stats.skipped_shards, stats.skipped_shard_names = len(damaged), sorted(damaged)
             stats.wait_seconds += now - asked
             stats.seconds = now - began
             stats.last_pack_tokens, stats.last_pack_images = batch.num_tokens, batch.num_images
             j += 1
             self._owner._consumed[self._kind] = (epoch, j)
+            if stats.skipped_samples > limit:
+                total = int(rank_plan.offsets[-1] - rank_plan.offsets[start])
+                rank, _ = self._owner.rank_world()
+                raise TooMuchSkipped(
+                    f"{self._kind} epoch {epoch}, rank {rank}: {stats.skipped_samples} of the {total} planned samples "
+                    f"({stats.skipped_samples / max(total, 1):.2%}) were skipped as unreadable or not as indexed "
+                    f"(on_error=skip), from {len(damaged)} shards ({', '.join(sorted(damaged)[:3])}"
+                    f"{', …' if len(damaged) > 3 else ''}); the limit is max_skipped_fraction="
+                    f"{self._owner.max_skipped_fraction:g}: repair or re-prepare those shards (the warnings name each "
+                    f"sample), or raise data.max_skipped_fraction"
+                )
             yield batch
 
 
@@ -177,10 +233,13 @@ class NativeLatentDataModule(L.LightningDataModule):
         val_sources: list[dict] | None = None,
         packs_per_epoch: int | None = None,
         test_sources: list[dict] | None = None,
+        max_skipped_fraction: float = 0.01,
     ):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r} must be one of {ON_ERROR}")
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction={max_skipped_fraction} must be in [0, 1] (0.01: fail past 1%)")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob={flip_prob} must be in [0, 1]")
         if tokens_per_pack < 1 or patch_size < 1 or num_workers < 0 or buffer_size < 0:
@@ -195,6 +254,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         self.buffer_size, self.num_workers, self.seed = buffer_size, num_workers, seed
         self.flip_prob, self.patch_size, self.on_error = flip_prob, patch_size, on_error
         self.packs_per_epoch = packs_per_epoch
+        self.max_skipped_fraction = float(max_skipped_fraction)  # of an epoch's planned samples, per rank and loader
         self._sources: dict[str, list[Source]] = {}
         self._plans: dict[str, EpochPlan] = {}
         self._distributed: tuple[int, int] | None = None

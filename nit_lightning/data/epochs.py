@@ -111,6 +111,10 @@ class RankPlan:
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         return self.ids[a:b], self.flips[a:b]
 
+    def pack_tokens(self, j: int) -> np.ndarray:
+        """Planned tokens (from index.json) of each sample of pack j."""
+        return self.tokens[int(self.offsets[j]) : int(self.offsets[j + 1])]
+
 
 def epoch_selection(sources: list[Source], seed: int, epoch: int) -> np.ndarray:
     """Global ids used in one epoch: weight w means ⌊w⌋ full passes plus a seeded random round((w−⌊w⌋)·n) subset."""
@@ -144,6 +148,15 @@ def build_plan(
     all_tokens = np.concatenate([source.tokens for source in sources])
     selected = epoch_selection(sources, seed, epoch)
     tokens = all_tokens[selected]
+    too_long = np.unique(selected[tokens > tokens_per_pack])
+    if too_long.size:  # a sample never spans two packs: say which and how long, by source, shard and position
+        first, longest = int(too_long[0]), int(all_tokens[too_long].max())
+        raise ValueError(
+            f"tokens_per_pack={tokens_per_pack} is smaller than {too_long.size} samples, the longest {longest} tokens "
+            f"(the first: {_describe(sources, first)}, {int(all_tokens[first])} tokens); a sample never spans two "
+            f"packs: raise tokens_per_pack to at least {longest}, or prepare those images smaller (--max-area, or a "
+            f"fixed-S mode)"
+        )
     try:
         if buffer_size > 0:  # stream a seeded permutation through a bounded LPFHP buffer
             order = np.random.default_rng([seed, epoch, 0x0DE]).permutation(selected.size)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import torch
 from PIL import Image, ImageOps
 
 MODES_HELP = "native | fixed-256 | fixed-512 (any fixed-S with S a multiple of the codec factor)"
+
+
+# Float pixels this far outside [0, 1] still round to 0 or 255 (half an 8-bit step): accepted and clipped.
+FLOAT_SLACK = 0.5 / 255
+# PIL reads 16-bit RGB(A) by keeping the high byte of each sample (v >> 8); decoding again with the other byte order
+# gives the low byte, so that these images get ÷257 like 16-bit greyscale. rawmode suffix -> the other byte's suffix.
+_OTHER_BYTE = {";16B": ";16L", ";16L": ";16B", ";16N": ";16B" if sys.byteorder == "little" else ";16L"}
 
 
 class BadImage(ValueError):
@@ -131,32 +139,93 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     if mode == "CMYK":
         return image.convert("RGB"), "cmyk"
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit greyscale: PIL's convert("RGB") would clip at 255; map 0..65535 -> 0..255 (÷257) instead.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        grey = np.clip(np.rint(array * 255.0 / peak), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB"), "greyscale-16bit"
+        # 16-bit greyscale: 0..65535 -> 0..255 by ÷257, whatever the image's own maximum (a dark 16-bit image whose
+        # maximum is 200 stays dark; it is not an 8-bit image). PIL's convert("RGB") would clip at 255 instead.
+        array = np.asarray(image, dtype=np.int64)
+        if mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):  # 32-bit integer pixels
+            raise BadImage("unsupported-pixels", f"32-bit integer pixels in [{array.min()}, {array.max()}]: only "
+                                                 f"8- and 16-bit integers and floats in [0, 1] are read; convert it")
+        return Image.fromarray(_div257(array), "L").convert("RGB"), "greyscale-16bit"
     if mode == "F":
-        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        # Float images hold intensities in [0, 1] (the float TIFF convention): scaled by 255, never rounded as if
+        # they were 0..255 (which made a [0, 1] image black). Anything else is refused rather than guessed.
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise BadImage("unsupported-pixels", "float image with NaN or Inf pixels")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < -FLOAT_SLACK or high > 1.0 + FLOAT_SLACK:
+            raise BadImage("unsupported-pixels", f"float pixels in [{low:g}, {high:g}], not [0, 1]: rescale it to "
+                                                 f"[0, 1] or save it as 8/16-bit")
+        grey = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB"), "greyscale-float"
     if mode in ("L", "1"):
         return image.convert("RGB"), "greyscale"
     return image.convert("RGB"), f"mode-{mode}"
 
 
+def _div257(values: np.ndarray) -> np.ndarray:
+    """16-bit values -> uint8 by round(v / 257), exact in integers: (v + 128) // 257 (v / 257 never ends in .5)."""
+    return ((values.astype(np.int64) + 128) // 257).astype(np.uint8)
+
+
+def _tile_rawmode(tile) -> str | None:
+    """A decoder tile's rawmode: its args are the rawmode (PNG) or a tuple that starts with it (raw, TIFF)."""
+    args = tile[3]
+    return args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
+
+
+def _with_rawmode(tile, rawmode: str):
+    """The same tile (PIL's `_Tile` namedtuple, or a plain tuple before Pillow 11) decoding with another rawmode."""
+    args = tile[3]
+    parts = (*tile[:3], rawmode if isinstance(args, str) else (rawmode, *args[1:]), *tile[4:])
+    return type(tile)(*parts) if hasattr(tile, "_fields") else parts
+
+
+def _wide_rawmode(image: Image.Image) -> str | None:
+    """The rawmode of a 16-bit-per-sample RGB(A) image (grey+alpha opens as RGBA) that PIL reads into 8 bits, else None."""
+    rawmodes = {_tile_rawmode(tile) for tile in image.tile}
+    if len(rawmodes) != 1:
+        return None
+    rawmode = rawmodes.pop()
+    if image.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and rawmode[-4:] in _OTHER_BYTE:
+        return rawmode
+    return None
+
+
+def _restore_16bit(path: str | Path, image: Image.Image, rawmode: str) -> str:
+    """Replace the high-byte pixels PIL loaded by round(v / 257) of the full 16-bit values; returns the reason code."""
+    low_mode = rawmode[:-4] + _OTHER_BYTE[rawmode[-4:]]
+    try:
+        with Image.open(path) as again:
+            again.tile = [_with_rawmode(tile, low_mode) for tile in again.tile]
+            again.load()
+            low = np.asarray(again, dtype=np.int64)
+    except (OSError, ValueError):  # a rawmode PIL cannot decode (e.g. 16-bit grey+alpha): keep v >> 8, and say so
+        return "16bit-high-byte"
+    high = np.asarray(image, dtype=np.int64)
+    if low.shape != high.shape:
+        return "16bit-high-byte"
+    image.paste(Image.fromarray(_div257(high * 256 + low), image.mode))
+    return "rgb-16bit"
+
+
 def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
     """Open and fully decode an image as RGB; returns the conversions applied. Any failure is a BadImage('unreadable')."""
     try:
         with Image.open(path) as opened:
+            wide = _wide_rawmode(opened)
             opened.load()  # decode now: truncated or corrupt data fails here, not later
+            depth = [_restore_16bit(path, opened, wide)] if wide else []
             transposed = ImageOps.exif_transpose(opened)
             image = transposed if transposed is not None else opened.copy()
             rotated = image is not opened and opened.getexif().get(0x0112, 1) not in (1, None)
             image, reason = to_rgb(image)
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, MemoryError) as error:
+        if isinstance(error, BadImage):
+            raise
         raise BadImage("unreadable", f"{type(error).__name__}: {error}") from error
-    conversions = ([reason] if reason else []) + (["exif-orientation"] if rotated else [])
+    conversions = depth + ([reason] if reason else []) + (["exif-orientation"] if rotated else [])
     return image, conversions
 
 
@@ -174,9 +243,25 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return np.asarray(open_rgb(path), dtype=np.uint8)
 
 
+# x = uint8 / 127.5 − 1 for the 256 values, computed by the CPU kernel. On the CPU the same arithmetic runs directly
+# (the table is its definition; a test checks every value); elsewhere a gather from the table gives the same floats
+# (CUDA divides by a scalar as a multiplication by its reciprocal, which can differ in the last bit), so latents encoded
+# on a GPU from uint8 pixels match those of the CPU conversion.
+_UNIT = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
+
+
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], x = uint8 / 127.5 − 1, bit-identical everywhere."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.device.type == "cpu":  # in place after the one allocation: fresh buffers cost more than the arithmetic
+        return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+    return _UNIT.to(pixels.device)[pixels.long()]
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]: x = uint8 / 127.5 − 1."""
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB image, got array of shape {array.shape}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+    return pixels_to_unit(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))))

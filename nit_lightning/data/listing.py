@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Every reader of image folders (prepare, reference statistics, sample folders, the demo feature nets) uses this list.
@@ -18,9 +18,22 @@ class Listing:
     classes: list[str]
     skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder
     ignored: list[str]  # files that are not images by extension (e.g. synth.json)
+    identity: list[tuple[int, int]] = field(default_factory=list)  # (size in bytes, mtime in ns) per item
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
+
+    def files_digest(self) -> str:
+        """SHA-1 over (path, size, mtime) of every item: another folder with the same names, or files rewritten in
+        place, give another digest; the same files moved or copied with their times (mv, rsync -a) give the same."""
+        rows = [[rel, *ident] for (rel, _), ident in zip(self.items, self.identity, strict=True)]
+        return hashlib.sha1(json.dumps(rows).encode()).hexdigest()
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a file: what tells one version of it from another without reading it."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def is_image(path: Path) -> bool:
@@ -70,7 +83,7 @@ def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None =
         else:  # class names: index = position among the sorted names, as for folders
             classes = sorted(set(names))
             index = {n: i for i, n in enumerate(classes)}
-        items = []
+        items, identity = [], []
         present = set()
         for path in images:
             rel = path.relative_to(root).as_posix()
@@ -78,23 +91,25 @@ def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None =
             present.add(name)
             if name in labels:
                 items.append((rel, index[labels[name]]))
+                identity.append(file_identity(path))
             else:
                 skipped.append({"source": rel, "reason": "no-label", "detail": f"not in {labels_file}"})
         for name in sorted(set(labels) - present):
             skipped.append({"source": name, "reason": "missing-file", "detail": f"listed in {labels_file}, not in {root}"})
-        return Listing(items, classes, skipped, ignored)
+        return Listing(items, classes, skipped, ignored, identity)
     class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise ValueError(f"{root} has no class sub-folders; for a flat folder pass --labels FILE (filename<TAB>class)")
     class_index = {name: i for i, name in enumerate(class_dirs)}
-    items = []
+    items, identity = [], []
     for path in images:
         rel = path.relative_to(root)
         if len(rel.parts) == 1:
             skipped.append({"source": rel.as_posix(), "reason": "no-class-folder", "detail": "image at the top level"})
             continue
         items.append((rel.as_posix(), class_index[rel.parts[0]]))
-    return Listing(items, class_dirs, skipped, ignored)
+        identity.append(file_identity(path))
+    return Listing(items, class_dirs, skipped, ignored, identity)
 
 
 def list_images(root: str | Path) -> list[Path]:

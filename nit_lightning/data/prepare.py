@@ -1,21 +1,19 @@
-"""Images -> latent shards (SPEC §4): sorted listing, fixed image->shard plan, resumable, rank- and process-parallel."""
+"""Images -> latent shards (SPEC §4): sorted listing, fixed image->shard plan, resumable, rank-parallel; decoding in
+worker processes and equal sizes batched per shard (data/encode.py)."""
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nit_lightning import distributed
 from nit_lightning.data.codecs import Codec, codec_from_spec
-from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, load_rgb, parse_mode
+from nit_lightning.data.encode import BucketEncoder, DecodeDataset, ShardState, encode_shards
+from nit_lightning.data.imageops import default_max_area, parse_mode
 from nit_lightning.data.listing import Listing, list_labelled_images
 from nit_lightning.data.shards import (
     LATENT_DTYPES,
@@ -45,11 +43,11 @@ class PrepareSettings:
     labels: str | None = None  # flat folder + "filename<TAB or comma>class" file
     flip: bool = False  # (bytes) also store the latent of the mirrored image
     samples_per_shard: int = 1000  # (bytes) the image -> shard plan
-    num_workers: int = 0  # processes over shards (0: in this process)
+    num_workers: int = 0  # decode + resize processes feeding this process's one codec (0: decode here)
     dtype: str = "float16"  # (bytes) storage dtype of latents
     device: str = "cpu"
     prefix: str = "shard"
-    batch_size: int = 16  # images decoded + encoded at once (equal sizes share a codec call)
+    batch_size: int = 16  # codec inputs per call (an image and its mirror count two); equal sizes of a shard
     max_area: int | None = None  # (bytes) native area cap; None: (64·factor)², 2048² for DC-AE
 
 
@@ -58,82 +56,42 @@ def shard_name(prefix: str, shard_id: int) -> str:
 
 
 def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
-    """What decides the bytes of every shard; a resumed run must match it exactly."""
+    """What decides the bytes of every shard; a resumed run must match it exactly.
+
+    `files_sha1` is the identity (path, size, mtime) of every input file: another folder with the same file names, or
+    files rewritten in place, cannot resume into shards made from the old ones. The input's path itself is recorded in
+    prepare.json but not compared, so that a folder moved with its times (mv, rsync -a) still resumes."""
     return {
         "codec": codec.describe(), "mode": settings.mode, "dtype": settings.dtype, "flip": settings.flip,
         "samples_per_shard": settings.samples_per_shard, "max_area": settings.max_area, "prefix": settings.prefix,
-        "num_items": len(listing.items), "listing_sha1": listing.digest(),
+        "num_items": len(listing.items), "listing_sha1": listing.digest(), "files_sha1": listing.files_digest(),
     }
 
 
-def encode_shard(
-    shard_id: int, items: list[tuple[int, str, int]], settings: PrepareSettings, codec: Codec, fingerprint: dict[str, Any]
-) -> dict[str, Any]:
-    """Write one shard of (global index, relative path, class) items; bad images are skipped and recorded, not raised."""
-    root, out = Path(settings.input), Path(settings.output)
-    writer = ShardWriter(out / shard_name(settings.prefix, shard_id))
-    skipped, converted, resized = [], [], Counter()
-    try:
-        for start in range(0, len(items), settings.batch_size):
-            ready = []  # (index, rel, cls, meta, x_3HW)
-            for index, rel, cls in items[start : start + settings.batch_size]:
-                try:
-                    image, conversions = load_rgb(root / rel)
-                    image, change = apply_mode(image, settings.mode, codec.factor, settings.max_area)
-                except BadImage as error:
-                    skipped.append({"source": rel, "reason": error.reason, "detail": error.detail})
-                    log.warning("skipped %s (%s: %s)", rel, error.reason, error.detail)
-                    continue
-                if conversions:
-                    converted.append({"source": rel, "reasons": conversions})
-                resized.update([op.split(" ")[0] for op in change.ops] or ["unchanged"])
-                meta = {"source": rel, "orig_size": list(change.orig_hw), "mode": settings.mode,
-                        "resize": change.describe(), "converted": conversions}
-                ready.append((index, rel, cls, meta, image_to_tensor(image)))
-            images = [entry[4] for entry in ready]
-            if settings.flip:  # the mirror of the resized image, so that both latents share one geometry
-                images += [torch.flip(x, dims=[-1]) for x in images]
-            latents = codec.encode_list(images, max_batch=settings.batch_size) if images else []
-            for j, (index, rel, cls, meta, _) in enumerate(ready):
-                latent = latents[j].cpu()
-                flip = latents[len(ready) + j].cpu() if settings.flip else None
-                if not torch.isfinite(latent).all() or (flip is not None and not torch.isfinite(flip).all()):
-                    skipped.append({"source": rel, "reason": "non-finite-latent", "detail": "codec output has NaN/Inf"})
-                    log.warning("skipped %s (non-finite latent)", rel)
-                    continue
-                members = sample_members(f"{index:08d}", latent, cls, dtype=settings.dtype, latent_flip=flip, meta=meta)
-                writer.write(f"{index:08d}", members, int(latent.shape[1] * latent.shape[2]))
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.close(extra={"skipped": skipped, "converted": converted, "resized": dict(sorted(resized.items())),
-                               "first_index": items[0][0] if items else None, "prepare": fingerprint})
+# What a difference in a digest means, for the message that refuses a rerun.
+_DIGESTS = {
+    "listing_sha1": "listing_sha1 (images added, removed or relabelled)",
+    "files_sha1": "files_sha1 (another input folder, or input files rewritten since: their sizes or times differ)",
+}
+
+
+def describe_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """'prefix 'shard' -> 'other', files_sha1 (…)': every key whose value differs, old -> new where that is short."""
+    recorded = recorded or {}
+    parts = []
+    for key in sorted(set(now) | set(recorded)):
+        old, new = recorded.get(key), now.get(key)
+        if old == new:
+            continue
+        parts.append(_DIGESTS.get(key) or (f"{key} {old!r} -> {new!r}" if key not in recorded or
+                                           len(repr(old)) + len(repr(new)) < 120 else key))
+    return ", ".join(parts)
 
 
 def _plan(listing: Listing, samples_per_shard: int) -> list[list[tuple[int, str, int]]]:
     """Image i goes to shard i // samples_per_shard: fixed by the sorted listing, so resuming is exact."""
     numbered = [(i, rel, cls) for i, (rel, cls) in enumerate(listing.items)]
     return [numbered[s : s + samples_per_shard] for s in range(0, len(numbered), samples_per_shard)]
-
-
-# Worker processes: one codec each, built once by the pool initializer.
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(settings: PrepareSettings, fingerprint: dict[str, Any], threads: int) -> None:
-    torch.set_num_threads(threads)
-    _WORKER.update(settings=settings, fingerprint=fingerprint,
-                   codec=codec_from_spec(settings.codec, settings.codec_dtype, settings.device))
-
-
-def _worker_shard(task: tuple[int, list[tuple[int, str, int]]]) -> tuple[int, str | None, float]:
-    shard_id, items = task
-    start = time.perf_counter()
-    try:
-        encode_shard(shard_id, items, _WORKER["settings"], _WORKER["codec"], _WORKER["fingerprint"])
-        return shard_id, None, time.perf_counter() - start
-    except Exception as error:  # reported by the parent; the shard stays unfinished and a rerun redoes it
-        return shard_id, f"{type(error).__name__}: {error}", time.perf_counter() - start
 
 
 def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
@@ -149,6 +107,14 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     settings.device = str(distributed.device_for(settings.device, ranks.local_rank))
     codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
     parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
+    if settings.max_area is not None and settings.max_area < codec.factor**2:
+        raise ValueError(
+            f"--max-area {settings.max_area} is below one latent pixel ({codec.factor}² = {codec.factor**2} pixels); "
+            f"it caps the pixel area of `native` images: leave it out for the default "
+            f"(64·{codec.factor})² = {default_max_area(codec.factor)}"
+        )
+    if settings.num_workers < 0:
+        raise ValueError(f"--num-workers {settings.num_workers} must be ≥ 0")
     listing = list_labelled_images(settings.input, settings.labels)
     if not listing.items:
         raise ValueError(
@@ -171,58 +137,70 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     todo = [s for s in mine if not shard_is_complete(out / shard_name(settings.prefix, s))]
     log.info("rank %d/%d: %d shards of %d are mine, %d already complete, %d to encode", rank, world, len(mine),
              len(plan), len(mine) - len(todo), len(todo))
-    failed = _encode_all(todo, plan, settings, codec, fingerprint)
+    encoded = _encode_all(todo, plan, settings, codec, fingerprint)
+    failed = encoded["failed"]
     complete = all(shard_is_complete(out / shard_name(settings.prefix, s)) for s in range(len(plan)))
     index = reindex(out) if complete else None
     if not complete:
         log.info("not every shard is finished yet: the last rank to finish writes index.json (or run `prepare --reindex`)")
     return {"rank": rank, "world": world, "num_shards": len(plan), "encoded": len(todo) - len(failed),
-            "already_complete": len(mine) - len(todo), "failed": failed, "index": index}
+            "already_complete": len(mine) - len(todo), "failed": failed, "index": index,
+            "codec_calls": encoded["codec_calls"], "images_encoded": encoded["images_encoded"]}
 
 
-def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint) -> dict[int, str]:
-    """Encode shards in this process or a spawn pool; a failing shard is reported and left unfinished, never fatal."""
-    failed: dict[int, str] = {}
-    if settings.num_workers <= 1 or len(todo) <= 1:
-        for s in todo:
-            start = time.perf_counter()
-            try:
-                sidecar = encode_shard(s, plan[s], settings, codec, fingerprint)
-            except Exception as error:
-                failed[s] = f"{type(error).__name__}: {error}"
-                log.error("shard %d failed: %s (rerun prepare to retry it)", s, failed[s])
-                continue
-            log.info("shard %d: %d written, %d skipped, %.1f s", s, sidecar["num_samples"], len(sidecar["skipped"]),
-                     time.perf_counter() - start)
-        return failed
-    workers = min(settings.num_workers, len(todo))
-    threads = max(1, (os.cpu_count() or 1) // workers)  # 16 cores / 4 workers = 4 intra-op threads each
-    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads / CUDA
-    with context.Pool(workers, initializer=_worker_init, initargs=(settings, fingerprint, threads)) as pool:
-        for s, error, seconds in pool.imap_unordered(_worker_shard, [(s, plan[s]) for s in todo]):
-            if error is not None:
-                failed[s] = error
-                log.error("shard %d failed: %s (rerun prepare to retry it)", s, error)
-            else:
-                log.info("shard %d done in %.1f s", s, seconds)
-    return failed
+def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint) -> dict[str, Any]:
+    """Encode this rank's unfinished shards (data/encode.py); a failing shard is reported and left unfinished."""
+    out = Path(settings.output)
+    items = [(s, index, rel, cls) for s in todo for index, rel, cls in plan[s]]
+    dataset = DecodeDataset(items, settings.input, settings.mode, codec.factor, settings.max_area)
+    encoder = BucketEncoder(codec, settings.batch_size, settings.flip, settings.device)
+
+    def to_members(decoded, latent, mirror) -> tuple[str, dict[str, bytes], int]:
+        key = f"{decoded.index:08d}"
+        members = sample_members(key, latent, decoded.cls, dtype=settings.dtype, latent_flip=mirror, meta=decoded.meta)
+        return key, members, int(latent.shape[1] * latent.shape[2])
+
+    def finish(state: ShardState) -> None:
+        sidecar = close_shard(state, fingerprint)
+        log.info("shard %d: %d written, %d skipped, %.1f s", state.shard, sidecar["num_samples"],
+                 len(sidecar["skipped"]), time.perf_counter() - state.started)
+
+    failed = encode_shards(dataset, {s: len(plan[s]) for s in todo}, encoder, settings.num_workers,
+                           lambda s: ShardWriter(out / shard_name(settings.prefix, s)), to_members, finish)
+    return {"failed": failed, "codec_calls": encoder.calls, "images_encoded": encoder.images}
+
+
+def close_shard(state: ShardState, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Finish a shard's tar and write its sidecar (last: a tar without its sidecar counts as unfinished)."""
+    return state.writer.close(extra={**state.sidecar_records(), "prepare": fingerprint})
 
 
 def _check_existing(out: Path, prefix: str, fingerprint: dict[str, Any], num_shards: int) -> None:
-    """Finished shards must come from the same settings and listing, and no shard may lie outside the plan."""
+    """Finished shards must come from the same settings and input files, and the folder may hold no other shards."""
+    _refuse_foreign_shards(out, [shard_name(prefix, s) for s in range(num_shards)])
     for tar in sorted(out.glob(f"{prefix}-" + "[0-9]" * 6 + ".tar")):
         if not shard_is_complete(tar):
             continue
         recorded = json.loads(sidecar_path(tar).read_text()).get("prepare")
         if recorded != fingerprint:
-            changed = sorted(k for k in fingerprint if (recorded or {}).get(k) != fingerprint[k])
             raise ValueError(
-                f"{tar} was written with other settings or another image listing (differs in {changed}); "
-                f"use a new --output directory, or delete the old shards to re-encode"
+                f"{tar} was written with other settings or input files; differs in: "
+                f"{describe_differences(recorded, fingerprint)}; use a new --output directory, or delete the old "
+                f"shards to re-encode"
             )
-        shard_id = int(tar.stem.rsplit("-", 1)[-1])
-        if shard_id >= num_shards:
-            raise ValueError(f"{tar} lies outside the plan of {num_shards} shards; delete it or use a new --output")
+
+
+def _refuse_foreign_shards(out: Path, names: list[str]) -> None:
+    """One folder holds one prepare run: a tar outside the plan (another --prefix, a larger old plan) is refused, so
+    that no index and no reader ever mixes two runs."""
+    planned = set(names)
+    foreign = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
+    if foreign:
+        raise ValueError(
+            f"{out} holds {len(foreign)} shards that are not part of this plan of {len(names)} shards "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}): they come from another run (another "
+            f"--prefix, or more images before); use a new --output directory, or delete them"
+        )
 
 
 def reindex(output: str | Path) -> dict[str, Any]:
@@ -264,4 +242,12 @@ def reindex(output: str | Path) -> dict[str, Any]:
     }
     if written + len(skipped) != settings["counts"]["listed"]:  # every listed file is written or skipped, once
         raise ShardFormatError(f"{written} written + {len(skipped)} skipped != {settings['counts']['listed']} listed")
-    return build_index(out, settings)
+    if written == 0:  # no index: a folder without samples must not look prepared (the demo reuses any index.json)
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in settings["counts"]["skipped"].items())
+        raise ValueError(
+            f"prepare wrote 0 samples: all {settings['counts']['listed']} listed images were skipped ({reasons}); "
+            f"each file's reason is in {out / PLAN_NAME} and the sidecars {prefix}-*.json"
+        )
+    names = [shard_name(prefix, s) for s in range(num_shards)]
+    _refuse_foreign_shards(out, names)
+    return build_index(out, settings, names=names)

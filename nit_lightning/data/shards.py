@@ -159,17 +159,27 @@ class ShardWriter:
         self.lengths.append(int(num_tokens))
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Finish the tar, rename it into place, write the sidecar; returns the sidecar's content."""
-        self._tar.close()
-        os.replace(self.tmp_path, self.path)
+        """Finish the tar, rename it into place, write the sidecar; returns the sidecar's content. If finishing fails
+        (a full disk), the `.tar.tmp` is removed and the error raised: the shard stays unfinished, a rerun redoes it."""
+        try:
+            self._tar.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         sidecar = {"name": self.path.name, "num_samples": len(self.keys), "keys": self.keys, "lengths": self.lengths}
         sidecar.update(extra or {})
-        write_json_atomic(sidecar_path(self.path), sidecar)
+        write_json_atomic(sidecar_path(self.path), sidecar)  # last: a tar without its sidecar counts as unfinished
         return sidecar
 
     def abort(self) -> None:
-        self._tar.close()
-        self.tmp_path.unlink(missing_ok=True)
+        """Drop the unfinished tar; never raises for the close (its error would hide the one that made us abort)."""
+        try:
+            self._tar.close()  # writes the end-of-archive blocks, which fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def sidecar_path(shard_path: str | Path) -> Path:
@@ -183,17 +193,26 @@ def shard_is_complete(shard_path: str | Path) -> bool:
 
 
 def write_json_atomic(path: str | Path, content: Any) -> None:
+    """Write to `<name>.tmp`, then rename over `path`; a failed write leaves neither a partial file nor the `.tmp`."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def build_index(directory: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge the sidecars of a directory (sorted by name, never by listdir order) into `index.json`."""
+def build_index(
+    directory: str | Path, settings: dict[str, Any] | None = None, names: list[str] | None = None
+) -> dict[str, Any]:
+    """Merge the sidecars of the shards `names` (default: every *.tar of the directory, sorted by name, never by
+    listdir order) into `index.json`. `prepare` passes its plan's names: a folder's other tars are not its data."""
     directory = Path(directory)
     shards = []
-    for tar_path in sorted(directory.glob("*.tar")):
+    paths = sorted(directory.glob("*.tar")) if names is None else [directory / name for name in names]
+    for tar_path in paths:
         if not sidecar_path(tar_path).exists():
             raise ShardFormatError(f"shard {tar_path} has no sidecar {sidecar_path(tar_path).name}: it is unfinished")
         shards.append(json.loads(sidecar_path(tar_path).read_text()))

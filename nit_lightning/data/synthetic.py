@@ -116,10 +116,41 @@ def render(k: int, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 
 
+MANIFEST_NAME = "synth.json"  # written last: the set is complete
+PARTIAL_NAME = "synth.partial.json"  # written first, removed at the end: a set being written (or cut short)
+
+
+def check_output(out: Path, wanted: dict[str, Any]) -> None:
+    """An output folder must be new, empty, or a synth set of the same settings (whose rewrite gives the same files).
+
+    A folder of other settings is refused rather than cleared: new images would lie next to stale ones (other sizes,
+    other counts), and clearing would delete whatever a mistyped --out points at."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    for marker in (out / MANIFEST_NAME, out / PARTIAL_NAME):
+        if marker.is_file():
+            recorded = json.loads(marker.read_text()).get("settings") or {}
+            if recorded != wanted:
+                changed = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}"
+                                    for k in sorted(set(wanted) | set(recorded)) if recorded.get(k) != wanted.get(k))
+                raise ValueError(f"{out} holds a synth set made with other settings ({changed}): its images would "
+                                 f"stay next to the new ones; use a new --out, or delete {out} first")
+            return
+    if any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no {MANIFEST_NAME}: synth writes only into a new or empty "
+                         f"folder (or one of its own sets with the same settings)")
+
+
 def write_synthetic(settings: SynthSettings) -> dict[str, Any]:
     """Write the set as an ImageNet-style folder (and train/val split), plus `synth.json`; returns the manifest."""
     settings.validate()
     s, out = settings, Path(settings.out)
+    wanted = {k: v for k, v in asdict(s).items() if k != "out"}  # where it lies is not what it is
+    check_output(out, wanted)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL_NAME).write_text(json.dumps({"settings": wanted}, indent=1))
     width = max(3, len(str(s.num_classes - 1)))
     class_dirs = [f"c{k:0{width}d}-{class_style(k)['name']}" for k in range(s.num_classes)]
     num_val = int(round(s.num_images * s.val_fraction))
@@ -137,10 +168,10 @@ def write_synthetic(settings: SynthSettings) -> dict[str, Any]:
         Image.fromarray(render(k, hw, rng), "RGB").save(folder / f"{i:07d}.png", compress_level=1)
         counts[split] += 1
     manifest = {
-        "settings": {k: v for k, v in asdict(s).items() if k != "out"},  # where it lies is not what it is
+        "settings": wanted,
         "classes": [dict(class_style(k), index=k, folder=class_dirs[k]) for k in range(s.num_classes)],
         "counts": counts if s.val_fraction > 0 else {"all": s.num_images},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "synth.json").write_text(json.dumps(manifest, indent=1))
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    (out / PARTIAL_NAME).unlink()
     return manifest

@@ -1,15 +1,17 @@
 """Training: the LightningModule and what runs beside it in the Trainer.
 
 module.py (NiTModule: the loss on packs, label dropout, per-step generators, compile / checkpointing from outside),
-ema.py (EMA callback), callbacks.py (throughput / MFU, grad norm, pack log), periodic.py (every-N-steps and sampling
+ema.py (EMA callback), callbacks.py (throughput / MFU, grad norm, skipped data, pack log), periodic.py (every-N-steps and sampling
 callback bases), sample_grid.py and periodic_eval.py (grids and metrics during training, through generation),
 fault_tolerance.py (requeue, newest-valid-checkpoint resume, damaged checkpoints), provenance.py (what a checkpoint
 records of its run and the checks before a resume), strategies.py (FSDP2 + sharded EMA), encoders.py (REPA).
 """
 from __future__ import annotations
 
-from nit_lightning.training.callbacks import GradNormMonitor, PackLog, ThroughputMonitor
+from nit_lightning.training.callbacks import DataHealthMonitor, GradNormMonitor, PackLog, ThroughputMonitor
 from nit_lightning.training.ema import EMA, unwrap_net
 from nit_lightning.training.module import NiTModule, step_seed
 
-__all__ = ["EMA", "GradNormMonitor", "NiTModule", "PackLog", "ThroughputMonitor", "step_seed", "unwrap_net"]
+__all__ = [
+    "EMA", "DataHealthMonitor", "GradNormMonitor", "NiTModule", "PackLog", "ThroughputMonitor", "step_seed", "unwrap_net",
+]

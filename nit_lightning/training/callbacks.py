@@ -1,4 +1,4 @@
-"""Training callbacks: throughput/MFU, gradient norm + non-finite guard, pack audit log."""
+"""Training callbacks: throughput/MFU, gradient norm + non-finite guard, skipped data, pack audit log."""
 from __future__ import annotations
 
 import json
@@ -223,3 +223,47 @@ class PackLog(Callback):
                   "tokens": batch.num_tokens}
         with open(self.dirpath / f"packs_rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class DataHealthMonitor(Callback):
+    """Per epoch, what `on_error=skip` took out of the data: to the logger and as one summary line.
+
+    Logs `data/skipped_samples`, `data/skipped_shards`, `data/planned_samples` and `data/skipped_fraction` (train;
+    `data/val_*` for validation), summed over ranks, from the datamodule's `LoaderStats`. The limit itself
+    (`max_skipped_fraction`, default 1%) is enforced by the loader, so it holds without this callback.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report(trainer, pl_module, "train", "data/")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._report(trainer, pl_module, "val", "data/val_")
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule, kind: str, prefix: str) -> None:
+        stats = getattr(trainer.datamodule, "stats", {}).get(kind)
+        if stats is None:
+            return
+        local = torch.tensor([stats.skipped_samples, stats.planned_samples, stats.images, stats.packs],
+                             dtype=torch.float64, device=pl_module.device)
+        skipped, planned, images, packs = (float(v) for v in trainer.strategy.reduce(local, reduce_op="sum").tolist())
+        names = set(stats.skipped_shard_names)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sorted(names))  # a shard damaged on two ranks counts once
+            names = {name for part in gathered for name in part}
+        fraction = skipped / planned if planned else 0.0
+        metrics = {f"{prefix}skipped_samples": skipped, f"{prefix}skipped_shards": float(len(names)),
+                   f"{prefix}planned_samples": planned, f"{prefix}skipped_fraction": fraction}
+        for name, value in metrics.items():  # already global sums: no sync_dist
+            pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
+        if trainer.global_rank != 0:
+            return
+        line = (f"{kind} epoch {stats.epoch} data: {int(images)} of {int(planned)} planned samples in {int(packs)} packs; "
+                f"{int(skipped)} skipped ({fraction:.2%}) from {len(names)} shards")
+        if names:
+            shown = sorted(names)
+            log.warning("%s (%s%s; limit max_skipped_fraction=%g)", line, ", ".join(shown[:5]),
+                        ", …" if len(shown) > 5 else "", getattr(trainer.datamodule, "max_skipped_fraction", float("nan")))
+        else:
+            log.info("%s", line)
