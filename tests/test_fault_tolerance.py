@@ -16,17 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from helpers.shards import write_latent_shards
-from nit_lightning.training.fault_tolerance import (
-    EXIT_OK,
-    EXIT_REQUEUE,
-    AdoptLastCheckpoint,
-    CorruptCheckpointError,
-    RequeueExit,
-    RequeueOnSignal,
-    apply_auto_resume,
-    find_resume_checkpoint,
-    slurm_job_id,
-)
+from nit_lightning.training.auto_resume import AdoptLastCheckpoint, apply_auto_resume
+from nit_lightning.training.checkpoints import CorruptCheckpointError, find_resume_checkpoint
+from nit_lightning.training.fault_tolerance import EXIT_OK, EXIT_REQUEUE, RequeueExit, RequeueOnSignal, slurm_job_id
 
 
 def _fake_ckpt(path: Path, step: int, *, size: int = 2000, **drop: bool) -> Path:

@@ -47,7 +47,8 @@ class NiTCLI(LightningCLI):
         # Requeued jobs resume by themselves: pin the checkpoint dir ($NIT_CKPT_DIR or the ModelCheckpoint's) and turn
         # ckpt_path None/"last" into the newest valid checkpoint there. NIT_AUTO_RESUME=0 turns it off (docs/slurm.md).
         # A stop by signal saves last.ckpt and exits 75 (or requeues): one RequeueOnSignal, the config's or a default.
-        from nit_lightning.training.fault_tolerance import auto_resume_for_cli, ensure_requeue_on_signal
+        from nit_lightning.training.auto_resume import auto_resume_for_cli
+        from nit_lightning.training.fault_tolerance import ensure_requeue_on_signal
 
         # A resume continues the run that wrote the checkpoint: refuse another net or model settings (before the
         # checkpoint directory is touched), warn on other data or a finished run; then record this run's data in
@@ -128,7 +129,7 @@ def run_cli(argv: list[str] | None = None, **kwargs: Any) -> NiTCLI:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from nit_lightning.training.fault_tolerance import CorruptCheckpointError
+    from nit_lightning.training.checkpoints import CorruptCheckpointError
 
     # MisconfigurationException: Lightning's "this Trainer setup cannot work" (two progress bars, a bad device count)
     return (*USER_ERRORS, CorruptCheckpointError, MisconfigurationException)

@@ -89,7 +89,7 @@ class RecordRunInputs(Callback):
 def check_resume(ckpt_path: str | Path, model: LightningModule, data: Any, max_steps: int = -1) -> None:
     """Refuse (ValueError naming the keys) a checkpoint of another network or model settings; warn on other data or a
     finished run. `model` is the NiTModule built from the config; `data` the datamodule's init args."""
-    from nit_lightning.training.fault_tolerance import read_checkpoint_header
+    from nit_lightning.training.checkpoints import read_checkpoint_header
 
     header = read_checkpoint_header(ckpt_path)
     step = int(header["global_step"])
