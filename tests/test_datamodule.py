@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers.shards import write_latent_shards
-from nit_lightning.data.datamodule import NativeLatentDataModule, TooMuchSkipped
+from nit_lightning.data.datamodule import NativeLatentDataModule
+from nit_lightning.data.loader import TooMuchSkipped
 from nit_lightning.data.shards import ShardReadError
 from nit_lightning.models.patching import patchify
 
