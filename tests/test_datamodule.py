@@ -10,7 +10,7 @@ import torch
 from helpers.shards import write_latent_shards
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.data.loader import TooMuchSkipped
-from nit_lightning.data.shards import ShardReadError
+from nit_lightning.data.shard_reader import ShardReadError
 from nit_lightning.models.patching import patchify
 
 CHANNELS = 4
@@ -189,7 +189,7 @@ def _stale_index(tmp_path: Path) -> int:
 
     path = tmp_path / "native" / "index.json"
     index = json.loads(path.read_text())
-    from nit_lightning.data.shards import ShardReader
+    from nit_lightning.data.shard_reader import ShardReader
 
     real = [s.num_tokens for s in ShardReader().samples(tmp_path / "native" / "shard-000000.tar")]
     index["shards"][0]["lengths"] = [1] * len(real)

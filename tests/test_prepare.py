@@ -16,7 +16,8 @@ from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.data.imageops import BadImage, center_crop_adm, native_size, resize_native, to_rgb
 from nit_lightning.data.listing import list_labelled_images
 from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
-from nit_lightning.data.shards import ShardReader, load_index
+from nit_lightning.data.shard_reader import ShardReader
+from nit_lightning.data.shards import load_index
 from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 
 # ---- resize rules (pure geometry, exact sizes) ----

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nit_lightning.data import shards
+from nit_lightning.data.shard_reader import ShardReader
 from nit_lightning.data.shards import ShardWriter, sample_members
 
 
@@ -57,7 +58,7 @@ def test_writer_is_atomic_and_index_merges_sidecars_in_name_order(tmp_path):
     assert [s["name"] for s in index["shards"]] == ["train-000000.tar", "train-000001.tar"]
     assert index["num_samples"] == 6 and index["length_histogram"] == {"2": 2, "4": 2, "6": 2}
     assert json.loads((tmp_path / "index.json").read_text()) == shards.load_index(tmp_path)
-    read = [sample.key for sample in shards.ShardReader().samples(tmp_path / "train-000001.tar")]
+    read = [sample.key for sample in ShardReader().samples(tmp_path / "train-000001.tar")]
     assert read == ["s1_0", "s1_1", "s1_2"]
 
 

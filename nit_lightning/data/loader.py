@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.epochs import RankPlan, Source, locate
-from nit_lightning.data.shards import ShardReader, ShardReadError
+from nit_lightning.data.shard_reader import ShardReader, ShardReadError
 from nit_lightning.models.patching import patchify
 
 if TYPE_CHECKING:

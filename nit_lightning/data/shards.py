@@ -14,15 +14,13 @@ import io
 import json
 import os
 import tarfile
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-from nit_lightning.data.tar_scan import scan_tar
 
 INDEX_NAME = "index.json"
 LATENT_DTYPES = ("float16", "bfloat16")
@@ -236,83 +234,3 @@ def load_index(directory: str | Path) -> dict[str, Any]:
             f"no {INDEX_NAME} in {directory}: run `python -m nit_lightning prepare` to write shards and their index"
         )
     return json.loads(path.read_text())
-
-
-# ---- reading ---------------------------------------------------------------------------------------------------
-class ShardReadError(RuntimeError):
-    """A sample that could not be read; the message names the shard and the key."""
-
-
-class ShardReader:
-    """Random access to samples of uncompressed tars: member offsets scanned once per shard, then seek + read."""
-
-    def __init__(self, max_cached_shards: int = 256):
-        self.max_cached_shards = max_cached_shards
-        self._tables: OrderedDict[Path, tuple[list[str], dict[str, dict[str, tuple[int, int]]], int]] = OrderedDict()
-
-    def _table(self, shard_path: Path) -> tuple[list[str], dict[str, dict[str, tuple[int, int]]], int]:
-        """(keys from the sidecar, key -> {extension: (data offset, size)}, file size), LRU-cached."""
-        if shard_path in self._tables:
-            self._tables.move_to_end(shard_path)
-            return self._tables[shard_path]
-        sidecar = sidecar_path(shard_path)
-        try:
-            keys = json.loads(sidecar.read_text())["keys"]
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            for name, offset, length in scan_tar(shard_path):
-                key, _, extension = os.path.basename(name).partition(".")
-                members.setdefault(key, {})[extension] = (offset, length)
-            size = shard_path.stat().st_size
-        except (OSError, KeyError, ValueError, UnicodeDecodeError) as error:
-            raise ShardReadError(f"shard {shard_path} (or its sidecar) is unreadable: {error!r}") from error
-        self._tables[shard_path] = (keys, members, size)
-        if len(self._tables) > self.max_cached_shards:
-            self._tables.popitem(last=False)
-        return self._tables[shard_path]
-
-    def samples(self, shard_path: Path) -> list[LatentSample]:
-        """Every sample of a shard in sidecar order, with both latents (audits and tests; training uses `read`)."""
-        keys, members, _ = self._table(shard_path)
-        with open(shard_path, "rb") as handle:
-            out = []
-            for key in keys:
-                data = {}
-                for extension, (offset, size) in members.get(key, {}).items():
-                    handle.seek(offset)
-                    data[extension] = handle.read(size)
-                out.append(decode_sample(key, data))
-            return out
-
-    def read(self, shard_path: Path, position: int, flip: bool = False) -> tuple[LatentSample, bool]:
-        """(sample #position of a shard, flipped?): with flip, only the mirrored latent is read (when stored) and put
-        in `.latent`; every failure is a ShardReadError naming the shard and the key."""
-        keys, members, file_size = self._table(shard_path)
-        if position >= len(keys):
-            raise ShardReadError(f"shard {shard_path}: sidecar lists {len(keys)} keys, sample #{position} is missing")
-        key = keys[position]
-        entry = members.get(key)
-        if not entry:
-            raise ShardReadError(f"shard {shard_path}: sample {key!r} is not in the tar (truncated shard?)")
-        flipped = flip and "latent_flip.npy" in entry
-        wanted = {"json": "json", "cls": "cls", "latent.npy": "latent_flip.npy" if flipped else "latent.npy"}
-        data = {}
-        try:
-            with open(shard_path, "rb") as handle:
-                for extension, stored in wanted.items():  # read one latent of two: half the bytes
-                    if stored not in entry:
-                        if extension == "cls":
-                            continue
-                        raise ShardReadError(f"shard {shard_path}: sample {key!r} has no member {key}.{stored}")
-                    offset, size = entry[stored]
-                    handle.seek(offset)
-                    data[extension] = handle.read(size)
-                    if len(data[extension]) != size:
-                        raise ShardReadError(
-                            f"shard {shard_path}: member {key}.{stored} is cut short ({len(data[extension])} of "
-                            f"{size} bytes; file is {file_size} bytes): the tar is truncated"
-                        )
-            return decode_sample(key, data), flipped
-        except ShardFormatError as error:
-            raise ShardReadError(f"shard {shard_path}: {error}") from error
-        except OSError as error:
-            raise ShardReadError(f"shard {shard_path}: sample {key!r} could not be read: {error!r}") from error
