@@ -28,6 +28,7 @@ REPEAT_MARK = "(repeat) "  # key prefix of a stand-in pack whose own samples all
 class TooMuchSkipped(RuntimeError):
     """on_error='skip' took out more than max_skipped_fraction of an epoch's planned samples: the run stops."""
 
+
 @dataclass
 class LoaderStats:
     """What one loader delivered this epoch, counted in the consuming process (a callback can log these)."""
@@ -64,6 +65,7 @@ class LoaderStats:
         out.update(samples_per_s=self.samples_per_s, tokens_per_s=self.tokens_per_s,
                    skipped_fraction=self.skipped_fraction)
         return out
+
 
 class PackDataset(IterableDataset):
     """Yields one rank's packs; worker w of K takes packs start+w, start+w+K, … (round-robin = plan order)."""
@@ -135,6 +137,7 @@ class PackDataset(IterableDataset):
         )
         return batch, dropped
 
+
 def check_planned(path, key: str, latent: torch.Tensor, planned: int, patch_size: int, channels: int | None) -> None:
     """A latent must be what index.json promised: the packer budgeted `planned` tokens for it (a stale index once gave
     packs of 2371 tokens against a budget of 512, an OOM on a GPU, with packing efficiency logged as 1.0)."""
@@ -147,6 +150,7 @@ def check_planned(path, key: str, latent: torch.Tensor, planned: int, patch_size
             f"or the shard was replaced); rebuild it with `python -m nit_lightning prepare --output "
             f"{Path(path).parent} --reindex`, or prepare the folder again"
         )
+
 
 class PackLoader(DataLoader):
     """DataLoader(batch_size=None) that asks its DataModule for the epoch's plan and start on every `iter()`."""

@@ -44,6 +44,7 @@ class Attention(nn.Module):
         )
         return self.proj(o.reshape(n, -1))
 
+
 class Mlp(nn.Module):
     """D -> ratio·D -> D with GELU (tanh)."""
 
@@ -54,6 +55,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
 
 class LayerNormKeepDtype(nn.LayerNorm):
     """LayerNorm that returns its input's dtype under autocast: bf16 in, bf16 out, fp32 statistics inside the kernel.
@@ -66,11 +68,13 @@ class LayerNormKeepDtype(nn.LayerNorm):
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x)
 
+
 def _modulation(hidden: int, chunks: int, rank: int | None) -> nn.Sequential:
     """SiLU -> Linear(D, k·D), or the LoRA form SiLU -> Linear(D, r) -> Linear(r, k·D) with no nonlinearity between."""
     if rank is None:
         return nn.Sequential(nn.SiLU(), nn.Linear(hidden, chunks * hidden))
     return nn.Sequential(nn.SiLU(), nn.Linear(hidden, rank), nn.Linear(rank, chunks * hidden))
+
 
 def _modulate(x_ND: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor, ids_N: torch.Tensor
               ) -> torch.Tensor:
@@ -80,9 +84,11 @@ def _modulate(x_ND: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor
     # backward). Plain mul/add, not addcmul: addcmul's backward multiplies by `value` in two extra full passes.
     return x_ND * (1 + scale_BD).index_select(0, ids_N) + shift_BD.index_select(0, ids_N)
 
+
 def _gated_residual(x_ND: torch.Tensor, gate_BD: torch.Tensor, y_ND: torch.Tensor, ids_N: torch.Tensor) -> torch.Tensor:
     """x + gate·y with the per-image gate gathered to tokens inside the expression."""
     return x_ND + gate_BD.index_select(0, ids_N) * y_ND
+
 
 class NiTBlock(nn.Module):
     """adaLN-Zero transformer block with per-image modulation broadcast to tokens (packed adaLN)."""
@@ -107,6 +113,7 @@ class NiTBlock(nn.Module):
         mlp_ND = self.mlp(_modulate(self.norm2(x_ND), shift_mlp, scale_mlp, ids))
         x_ND = _gated_residual(x_ND, gate_mlp, mlp_ND, ids)
         return x_ND
+
 
 class FinalLayer(nn.Module):
     """LN -> modulate(shift, scale from c) -> Linear(D -> C·p·p)."""

@@ -78,6 +78,7 @@ def apply_auto_resume(
     rank_zero_info(f"auto-resume: resuming from {scan.found}")
     return str(scan.found)
 
+
 class AdoptLastCheckpoint(Callback):
     """ModelCheckpoints that save `last` into `dirpath` take an existing last.ckpt there as their own at train start.
 
@@ -121,12 +122,14 @@ def pin_checkpoint_dir(trainer: Trainer, override: str | None = None) -> Path:
         raise ValueError(f"NIT_CKPT_DIR={override!r} is set but the trainer has no ModelCheckpoint to point at it")
     return checkpoint_dir_of(trainer)
 
+
 def _is_launch_rank_zero() -> bool:
     """Global rank 0 before torch.distributed exists: torchrun/srun variables, or no LOCAL_RANK/NODE_RANK of a child
     that Lightning's own launcher started (it sets those, not RANK)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return False
     return distributed.from_environment().is_main
+
 
 def auto_resume_for_cli(cli: Any, check: Callable[[str], None] | None = None) -> str | None:
     """LightningCLI `before_fit` hook: pin the checkpoint dir and put the resolved `ckpt_path` into the fit config.

@@ -25,6 +25,7 @@ _HPC_NAME = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (truncated, bad CRC, missing keys)."""
 
+
 @dataclass(frozen=True)
 class Candidate:
     """One checkpoint file that might be resumed from."""
@@ -37,10 +38,12 @@ class Candidate:
     def sort_key(self) -> tuple[int, int, str]:
         return (-self.global_step, self.priority, str(self.path))
 
+
 def _priority(path: Path) -> int:
     if path.name.startswith("last"):
         return 0
     return 2 if _HPC_NAME.match(path.name) else 1
+
 
 def read_checkpoint_header(path: str | Path, *, weights_only: bool = True) -> dict[str, Any]:
     """Load a checkpoint memory-mapped (only the pickle is read) and check Lightning's resume keys; returns it."""
@@ -64,6 +67,7 @@ def read_checkpoint_header(path: str | Path, *, weights_only: bool = True) -> di
         raise CorruptCheckpointError(f"checkpoint {path} lacks {missing}: it is not a resumable Lightning checkpoint")
     return checkpoint
 
+
 def verify_crc(path: str | Path) -> None:
     """Read every record of a torch zip checkpoint and check its CRC-32 (torch.load itself never does)."""
     path = Path(path)
@@ -76,6 +80,7 @@ def verify_crc(path: str | Path) -> None:
         raise CorruptCheckpointError(f"checkpoint {path} is not a readable zip: {error}") from error
     if bad is not None:
         raise CorruptCheckpointError(f"checkpoint {path}: record {bad!r} fails its CRC-32 check (corrupt bytes)")
+
 
 def list_candidates(ckpt_dir: str | Path, extra_dirs: Sequence[str | Path] = ()) -> list[Path]:
     """Every `*.ckpt` file or sharded folder in `ckpt_dir`, plus Lightning's `hpc_ckpt_*.ckpt` in `extra_dirs`.
@@ -90,6 +95,7 @@ def list_candidates(ckpt_dir: str | Path, extra_dirs: Sequence[str | Path] = ())
             found.update(p for p in directory.glob(pattern) if p.is_file() or (p / "meta.pt").exists())
     return sorted(found)
 
+
 @dataclass
 class Scan:
     """What a checkpoint directory holds: the newest valid checkpoint (or None) and every damaged one seen."""
@@ -100,6 +106,7 @@ class Scan:
     def damaged_summary(self) -> str:
         """`last.ckpt (does not load: ...), step=4.ckpt (...)`: one line, each reason cut to its first sentence."""
         return ", ".join(f"{path.name} ({why.split('. ')[0][:160]})" for path, why in self.damaged.items())
+
 
 def scan_checkpoints(
     ckpt_dir: str | Path,
@@ -141,6 +148,7 @@ def scan_checkpoints(
         break
     return scan
 
+
 def find_resume_checkpoint(
     ckpt_dir: str | Path,
     *,
@@ -156,11 +164,13 @@ def find_resume_checkpoint(
     found = scan_checkpoints(ckpt_dir, extra_dirs=extra_dirs, weights_only=weights_only, check_crc=check_crc).found
     return None if found is None else str(found)
 
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
 
 def _replace_with_copy(source: Path, target: Path) -> None:
     """Copy a checkpoint file or sharded folder to `target` through `<target>.tmp` and an atomic rename."""
@@ -175,6 +185,7 @@ def _replace_with_copy(source: Path, target: Path) -> None:
         _remove(old)
     else:
         os.replace(tmp, target)
+
 
 def repair_checkpoint_dir(ckpt_dir: Path, scan: Scan, last_name: str = "last.ckpt") -> None:
     """Move every damaged checkpoint aside (`<name>.corrupt`), then make `last_name` the newest valid state.
@@ -196,6 +207,7 @@ def repair_checkpoint_dir(ckpt_dir: Path, scan: Scan, last_name: str = "last.ckp
     _replace_with_copy(scan.found, last)
     log.warning("%s was %s: replaced by a copy of %s, the newest valid checkpoint", last,
                 "damaged" if last in scan.damaged else "older than it", scan.found)
+
 
 def save_checkpoint_atomic(trainer: Trainer, path: str | Path) -> None:
     """trainer.save_checkpoint to `<path>.tmp` then os.replace: a preempted save never leaves a half-written file."""

@@ -34,6 +34,7 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped at a checkpoint, run again to resume
 class RequeueExit(SystemExit):
     """Raised at a batch end after the requeue checkpoint is written; its code is the process exit code."""
 
+
 def ensure_requeue_on_signal(trainer: Trainer) -> "RequeueOnSignal":
     """Exactly one RequeueOnSignal in the trainer: the configs' own, else a default one added (logged).
 
@@ -52,12 +53,14 @@ def ensure_requeue_on_signal(trainer: Trainer) -> "RequeueOnSignal":
                    f"{EXIT_REQUEUE} or requeue")
     return callback
 
+
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` wants: `<array job>_<task>` inside an array, else SLURM_JOB_ID."""
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID")
+
 
 class RequeueOnSignal(Callback):
     """On SIGUSR1/SIGTERM: at the next batch end save last.ckpt atomically, `scontrol requeue` under SLURM, exit.
