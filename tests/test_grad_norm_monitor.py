@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 from test_ema import RandomPacks
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from helpers.nets import CountHostSyncs
 from nit_lightning.training.callbacks import GradNormMonitor
 from nit_lightning.training.module import NiTModule
 
@@ -58,19 +58,6 @@ def test_no_checkpoint_is_written_after_a_nonfinite_norm():
         monitor.on_train_end(SimpleNamespace(global_step=3, global_rank=0), module)
 
 
-class _CountSyncs(TorchDispatchMode):
-    """Counts aten::_local_scalar_dense: the op behind .item()/bool()/float() of a tensor, a host sync on a GPU."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("asynchronous, syncs_per_step", [(True, 0), (False, 1)])
 def test_clip_fused_adamw_and_monitor_make_no_host_sync(asynchronous, syncs_per_step, monkeypatch):
     """The optimiser-step path of Lightning's automatic optimisation, device-generic code paths counted on the CPU.
@@ -98,7 +85,7 @@ def test_clip_fused_adamw_and_monitor_make_no_host_sync(asynchronous, syncs_per_
     for step in range(3):
         _set_grads(module)
         device_reads.clear()
-        with _CountSyncs() as syncs:
+        with CountHostSyncs() as syncs:
             monitor.on_before_optimizer_step(SimpleNamespace(global_step=step, global_rank=0), module, optimizer)
             precision.clip_grad_by_norm(optimizer, 1.0)  # what trainer.gradient_clip_val=1.0 runs
             optimizer.step()

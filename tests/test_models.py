@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers.nets import CountHostSyncs
 from nit_lightning.models import PRESETS, NiT, NiTConfig, build_nit
 from nit_lightning.models.flops import forward_flops, training_flops_per_token
 from nit_lightning.models.nit import timestep_features
@@ -135,17 +135,6 @@ def test_bad_inputs_are_clear_errors():
         net(x, t[:2], y, hw)
 
 
-class _CountLocalScalar(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_at_most_one_host_sync_per_forward(monkeypatch):
     net = perturbed(depth=3)
     x, t, y, hw = inputs()
@@ -158,12 +147,12 @@ def test_at_most_one_host_sync_per_forward(monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
-    with torch.no_grad(), _CountLocalScalar() as mode:
+    with torch.no_grad(), CountHostSyncs() as mode:
         net(x, t, y, hw)
     assert calls == ["tolist"] and mode.count <= 1, (calls, mode.count)  # hw.tolist() in PackedMeta.build
     meta = net.build_meta(hw, x.shape[0])
     calls.clear()
-    with torch.no_grad(), _CountLocalScalar() as mode:
+    with torch.no_grad(), CountHostSyncs() as mode:
         net(x, t, y, hw, meta=meta)
     assert calls == [] and mode.count == 0
 

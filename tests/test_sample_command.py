@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.nets import random_debug_net, write_lightning_checkpoint
 from nit_lightning.cli.sample import main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.generation import sample_set
@@ -23,24 +24,7 @@ NUM_CLASSES = 3
 
 
 def _fake_ckpt(path, *, ema=True, live_offset=0.0):
-    """A Lightning-style checkpoint as NiTModule + EMA write it (docs/architecture.md), of a random NiT-debug."""
-    torch.manual_seed(0)
-    net = build_nit("NiT-debug", in_channels=12, num_classes=NUM_CLASSES)
-    for p in net.parameters():
-        p.data.normal_(0, 0.1)
-    codec = PixelCodec(2)
-    ema_state = {k: v.clone() for k, v in net.state_dict().items()}
-    ckpt = {
-        "nit_meta": {"net_config": dataclasses.asdict(net.config), "codec": codec.describe(), "patch_size": 1,
-                     "latent_channels": 12},
-        "state_dict": {f"net.{k}": v + live_offset for k, v in net.state_dict().items()},
-        "global_step": 7,
-    }
-    ckpt["state_dict"]["loss_fn.some_buffer"] = torch.zeros(1)  # non-net keys are ignored and counted
-    if ema:
-        ckpt["ema_state_dict"] = ema_state
-    torch.save(ckpt, path)
-    return path
+    return write_lightning_checkpoint(path, random_debug_net(NUM_CLASSES), ema=ema, live_offset=live_offset)
 
 
 @pytest.fixture

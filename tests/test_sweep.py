@@ -1,7 +1,6 @@
 """`evaluate` and `sweep`: metrics of a sample set, per-setting resume, failure isolation, the real sample command."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from helpers.nets import random_debug_net, write_lightning_checkpoint
 from nit_lightning.cli import evaluate as evaluate_cmd
 from nit_lightning.cli import sweep as sweep_cmd
 from nit_lightning.evaluation.arrays import nhwc_to_tensor
@@ -116,24 +116,9 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert calls == []
 
 
-def _debug_ckpt(path) -> None:
-    """A Lightning-style checkpoint (docs/architecture.md) of a random NiT-debug with PixelCodec(2)."""
-    from nit_lightning.data.codecs import PixelCodec
-    from nit_lightning.models import build_nit
-
-    torch.manual_seed(0)
-    net = build_nit("NiT-debug", in_channels=12, num_classes=3)
-    for p in net.parameters():
-        p.data.normal_(0, 0.1)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    torch.save({"nit_meta": {"net_config": dataclasses.asdict(net.config), "codec": PixelCodec(2).describe(),
-                             "patch_size": 1, "latent_channels": 12},
-                "state_dict": {f"net.{k}": v for k, v in state.items()}, "ema_state_dict": state}, path)
-
-
 @pytest.mark.slow
 def test_sweep_cli_end_to_end_with_the_sample_command(tmp_path, features, capsys):
-    _debug_ckpt(tmp_path / "last.ckpt")
+    write_lightning_checkpoint(tmp_path / "last.ckpt", random_debug_net())
     _sweep_file(tmp_path / "toy.yaml", ["16x16", "8x24"])
     (tmp_path / "refs").mkdir()
     _reference(tmp_path / "refs" / "16x16.npz", features, 16, 16)
@@ -163,13 +148,9 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     from nit_lightning.evaluation.evaluate import sample_feature_stats
     from nit_lightning.generation.pipeline import Pipeline
     from nit_lightning.generation.settings import setting_from_dict
-    from nit_lightning.models import build_nit
     from nit_lightning.training.periodic_eval import EvaluationCallback
 
-    torch.manual_seed(0)
-    net = build_nit("NiT-debug", in_channels=12, num_classes=3)
-    for p in net.parameters():
-        p.data.normal_(0, 0.1)
+    net = random_debug_net()
     (tmp_path / "refs").mkdir()
     _reference(tmp_path / "refs" / "8x8.npz", features, 8, 8)
     setting = {"size": "8x8", "method": "euler", "steps": 2, "cfg_scale": 1.5, "cfg_interval": [0.0, 0.7]}
