@@ -23,7 +23,7 @@ from nit_lightning.generation.settings import (
     parse_interval,
 )
 
-SAMPLER_FLAGS = ("method", "steps", "cfg", "interval", "precision", "dtype")
+SAMPLER_FLAGS = ("method", "steps", "cfg", "interval", "precision", "dtype", "rope_interp_side")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model compute: auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")
     p.add_argument("--dtype", choices=tuple(INTEGRATION_DTYPES), default=None,
                    help="sampler integration dtype (default float64)")
+    p.add_argument("--rope-interp-side", type=int, default=None,
+                   help="interpolate RoPE positions of images whose longer side exceeds this many tokens (SPEC §1.1; "
+                        "off by default, as in every published number)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (one sub-folder per size)")
     p.add_argument("--tokens-per-pack", type=int, default=16384, help="model tokens per forward (CFG counts twice)")

@@ -55,12 +55,19 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
         raise ValueError("image requests must have distinct indices (they name the outputs and derive the seeds)")
     m = pipeline.size_multiple
     by_index = {r.index: r for r in requests}
-    grids = [SampleRequest(r.index, _grid(r.size, m), r.label, r.seed) for r in requests]
-    packs = plan_sample_packs(grids, tokens_per_pack, cfg=sampler.guided)
+    # Images whose RoPE positions are interpolated by the same factor share packs (one table per pack), so an image
+    # never depends on which others it was packed with.
+    groups: dict[float, list[SampleRequest]] = {}
+    for r in requests:
+        grid = _grid(r.size, m)
+        groups.setdefault(sampler.rope_interp_scale(grid), []).append(SampleRequest(r.index, grid, r.label, r.seed))
     device = device if device is not None else next(pipeline.net.parameters()).device
     sampler = sampler.for_device(device)
-    for pack in packs:
-        x_ND = sample_pack(pipeline.model_fn(sampler.precision), pack, pipeline.token_dim, device=device,
+    packs = [(scale, pack) for scale, group in sorted(groups.items())
+             for pack in plan_sample_packs(group, tokens_per_pack, cfg=sampler.guided)]
+    for scale, pack in packs:
+        model_fn = pipeline.model_fn(sampler.precision, rope_interp_scale=None if scale == 1.0 else scale)
+        x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device,
                            method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
                            cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
                            dtype=sampler.integration_dtype)

@@ -42,8 +42,8 @@ class Pipeline:
     def token_dim(self) -> int:
         return int(self.net.config.token_dim)
 
-    def model_fn(self, precision: str = "fp32") -> "NetModelFn":
-        return NetModelFn(self.net, precision)
+    def model_fn(self, precision: str = "fp32", rope_interp_scale: float | None = None) -> "NetModelFn":
+        return NetModelFn(self.net, precision, rope_interp_scale)
 
     @torch.no_grad()
     def decode(self, x_ND: torch.Tensor, hw: torch.Tensor, max_batch: int = 16) -> list[torch.Tensor]:
@@ -91,17 +91,17 @@ class NetModelFn:
     no host read of hw happens per step; use one NetModelFn per pack.
     """
 
-    def __init__(self, net: NiT, precision: str = "fp32") -> None:
+    def __init__(self, net: NiT, precision: str = "fp32", rope_interp_scale: float | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
-        self.net, self.precision = net, precision
+        self.net, self.precision, self.rope_interp_scale = net, precision, rope_interp_scale
         self._cache: list[tuple[torch.Tensor, int, Any]] = []  # (hw, N, PackedMeta); at most 2 live: cond and CFG
 
     def _meta(self, hw: torch.Tensor, num_tokens: int) -> Any:
         for known, n, meta in self._cache:
             if known is hw and n == num_tokens:
                 return meta
-        meta = self.net.build_meta(hw, num_tokens)
+        meta = self.net.build_meta(hw, num_tokens, rope_interp_scale=self.rope_interp_scale)
         self._cache = self._cache[-3:] + [(hw, num_tokens, meta)]
         return meta
 

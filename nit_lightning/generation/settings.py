@@ -54,6 +54,9 @@ class SamplerSettings:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi
     precision: str = "auto"  # model compute: auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16 (autocast)
     dtype: str = "float64"  # integration dtype of the sampler state
+    # SPEC §1.1 linear position interpolation at sampling time (off, as in every published number): an image whose
+    # longer side has more than this many tokens gets positions / s, s = its longer side / this (per image size).
+    rope_interp_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +71,8 @@ class SamplerSettings:
             raise ValueError(f"precision {self.precision!r} is not one of {['auto', *PRECISIONS]}")
         if self.dtype not in INTEGRATION_DTYPES:
             raise ValueError(f"integration dtype {self.dtype!r} is not one of {list(INTEGRATION_DTYPES)}")
+        if self.rope_interp_side is not None and int(self.rope_interp_side) < 1:
+            raise ValueError(f"rope_interp_side must be a positive token count or None, got {self.rope_interp_side}")
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
         object.__setattr__(self, "cfg_interval", parse_interval(self.cfg_interval))
@@ -77,6 +82,12 @@ class SamplerSettings:
         if self.precision != "auto":
             return self
         return dataclasses.replace(self, precision=AUTO_PRECISION.get(torch.device(device).type, "fp32"))
+
+    def rope_interp_scale(self, grid: tuple[int, int]) -> float:
+        """The position interpolation factor s >= 1 for a token grid (1 = none)."""
+        if self.rope_interp_side is None:
+            return 1.0
+        return max(1.0, max(grid) / int(self.rope_interp_side))
 
     @property
     def integration_dtype(self) -> torch.dtype:
@@ -91,7 +102,8 @@ class SamplerSettings:
         """"sde 250, cfg 2.25 in [0, 0.7]" for logs and tables."""
         guidance = f"cfg {self.cfg_scale:g} in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]" if self.guided \
             else "no cfg"
-        return f"{self.method} {self.steps}, {guidance}"
+        rope = f", RoPE interpolated beyond {self.rope_interp_side} tokens" if self.rope_interp_side else ""
+        return f"{self.method} {self.steps}, {guidance}{rope}"
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

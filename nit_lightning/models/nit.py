@@ -167,12 +167,16 @@ class NiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def build_meta(self, hw: torch.Tensor, num_tokens: int) -> PackedMeta:
-        """PackedMeta for this net's RoPE settings, on its device; reuse it across sampler steps with the same hw."""
+    def build_meta(self, hw: torch.Tensor, num_tokens: int, *, rope_interp_scale: float | None = None) -> PackedMeta:
+        """PackedMeta for this net's RoPE settings, on its device; reuse it across sampler steps with the same hw.
+
+        `rope_interp_scale` overrides the config's for this pack (a sampler interpolating positions per image size).
+        """
         cfg = self.config
         return PackedMeta.build(
             hw, num_tokens, cfg.head_dim, device=self.x_embedder.proj.weight.device, rope_layout=cfg.rope_layout,
-            rope_theta=cfg.rope_theta, rope_ntk_scale=cfg.rope_ntk_scale, rope_interp_scale=cfg.rope_interp_scale,
+            rope_theta=cfg.rope_theta, rope_ntk_scale=cfg.rope_ntk_scale,
+            rope_interp_scale=cfg.rope_interp_scale if rope_interp_scale is None else rope_interp_scale,
         )
 
     def forward(
