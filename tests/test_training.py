@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,28 @@ def test_warmup_is_linear_then_constant():
         scheduler.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert not isinstance(tiny().configure_optimizers(), dict)  # default: constant lr, no scheduler
+
+
+def test_cosine_schedule_after_warmup_ends_at_the_floor():
+    from types import SimpleNamespace
+
+    module = tiny(warmup_steps=2, lr=1.0, lr_schedule="cosine", lr_min_ratio=0.1)
+    module._trainer = SimpleNamespace(max_steps=6)  # what configure_optimizers reads
+    config = module.configure_optimizers()
+    lrs = []
+    for _ in range(7):
+        lrs.append(config["lr_scheduler"]["scheduler"].get_last_lr()[0])
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    # warm-up 0.5, 1.0; then 0.1 + 0.9·½(1 + cos(π·k/4)) for k = 1..4; held at the floor after max_steps.
+    expected = [0.5, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55, 0.1 + 0.45 * (1 - math.cos(math.pi / 4)),
+                0.1, 0.1]
+    assert lrs == pytest.approx(expected)
+    module._trainer = SimpleNamespace(max_steps=-1)
+    with pytest.raises(ValueError, match="needs trainer.max_steps > warmup_steps=2"):
+        module.configure_optimizers()
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        tiny(lr_schedule="linear")
 
 
 @pytest.mark.slow

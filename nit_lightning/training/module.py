@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ class NiTModule(LightningModule):
             training/compile.py); None takes `compile_blocks` (the older switch: true = "blocks").
         compile_backend: torch.compile backend ("inductor"; "aot_eager" in CPU tests).
         activation_checkpointing: per block of `net.blocks`; applied in `configure_model`, before compiling.
+        lr_schedule: "constant" (the paper) or "cosine": after the warm-up, a cosine from lr down to
+            lr·lr_min_ratio at `trainer.max_steps` (short runs, e.g. the CPU demo, end on a low lr).
         repa_weight, repa_layer, repa_encoder: REPA (off when repa_weight is 0) with the net's own projector
             (`net.projector_dim` = encoder feature size); features come from the batch's `repa_z` or from the frozen
             encoder at the local path `repa_encoder` (see training/encoders.py).
@@ -64,6 +67,8 @@ class NiTModule(LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 0,
         compile: Literal["none", "blocks", "model"] | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_min_ratio: float = 0.0,
         compile_blocks: bool = False,
         compile_backend: str = "inductor",
         activation_checkpointing: bool = False,
@@ -98,6 +103,9 @@ class NiTModule(LightningModule):
         if not lr > 0:
             raise ValueError(f"model.lr={lr} must be > 0")
         self.compile_mode = resolve_compile_mode(compile, compile_blocks)
+        if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
+                             f"{lr_schedule!r}, {lr_min_ratio}")
         self.net = build_nit(net.pop("name"), **net)
 
         self.repa_encoder_path = repa_encoder
@@ -176,9 +184,25 @@ class NiTModule(LightningModule):
             eps=self.hparams.eps, fused=fused or None,
         )
         warmup = int(self.hparams.warmup_steps)
-        if warmup == 0:
+        cosine = self.hparams.get("lr_schedule", "constant") == "cosine"
+        if warmup == 0 and not cosine:
             return optimizer  # constant lr, as the paper
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = 0
+        if cosine:
+            total = int(getattr(self._trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
+            if total <= warmup:
+                raise ValueError(f"lr_schedule 'cosine' needs trainer.max_steps > warmup_steps={warmup}, got {total}")
+        floor = float(self.hparams.get("lr_min_ratio", 0.0))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step + 1 - warmup) / (total - warmup))  # the last step (total - 1) at the floor
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- steps ---------------------------------------------------------------------------------------------
