@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -12,6 +11,7 @@ from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
+from nit_lightning.training.optim import adamw_with_schedule
 
 log = logging.getLogger(__name__)
 
@@ -177,33 +177,10 @@ class NiTModule(LightningModule):
                              "set both to the same value")
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"  # one kernel for the whole update on GPU; CPU keeps the foreach path
-        optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.lr, betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay,
-            eps=self.hparams.eps, fused=fused or None,
-        )
-        warmup = int(self.hparams.warmup_steps)
-        cosine = self.hparams.get("lr_schedule", "constant") == "cosine"
-        if warmup == 0 and not cosine:
-            return optimizer  # constant lr, as the paper
-        total = 0
-        if cosine:
-            total = int(getattr(self._trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
-            if total <= warmup:
-                raise ValueError(f"lr_schedule 'cosine' needs trainer.max_steps > warmup_steps={warmup}, got {total}")
-        floor = float(self.hparams.get("lr_min_ratio", 0.0))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = min(1.0, (step + 1 - warmup) / (total - warmup))  # the last step (total - 1) at the floor
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        """AdamW with the recipe's settings (SPEC §6: lr never scaled by the GPU count), warm-up and schedule."""
+        max_steps = int(getattr(self._trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
+        return adamw_with_schedule([p for p in self.parameters() if p.requires_grad], self.hparams, max_steps,
+                                   fused=self.device.type == "cuda")
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:

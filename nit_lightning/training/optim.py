@@ -1,0 +1,38 @@
+"""The optimiser of the recipe (SPEC §6): AdamW, fused on GPU, with an optional linear warm-up and cosine decay."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Iterable, Mapping
+
+import torch
+
+
+def lr_factor(step: int, *, warmup: int, total: int, cosine: bool, floor: float) -> float:
+    """Multiplier of the base lr at optimiser step `step`: linear warm-up, then 1 (constant) or a cosine to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step + 1 - warmup) / (total - warmup))  # the last step (total - 1) at the floor
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(params: Iterable[torch.nn.Parameter], hparams: Mapping[str, Any], max_steps: int, *,
+                        fused: bool) -> Any:
+    """AdamW from the module's hparams (lr never scaled by the GPU count); a step-wise LambdaLR when one is asked for.
+
+    `fused` (CUDA): one kernel for the whole update, no host sync; the CPU keeps the foreach path.
+    """
+    optimizer = torch.optim.AdamW(list(params), lr=hparams["lr"], betas=tuple(hparams["betas"]),
+                                  weight_decay=hparams["weight_decay"], eps=hparams["eps"], fused=fused or None)
+    warmup = int(hparams["warmup_steps"])
+    cosine = hparams.get("lr_schedule", "constant") == "cosine"
+    if warmup == 0 and not cosine:
+        return optimizer  # constant lr, as the paper
+    if cosine and max_steps <= warmup:
+        raise ValueError(f"lr_schedule 'cosine' needs trainer.max_steps > warmup_steps={warmup}, got {max_steps}")
+    factor = partial(lr_factor, warmup=warmup, total=max_steps, cosine=cosine,
+                     floor=float(hparams.get("lr_min_ratio", 0.0)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
