@@ -46,6 +46,21 @@ def test_sizes_aspect_ratios_and_folders(tmp_path):
     assert all(len(list((tmp_path / f).glob("*.png"))) == 20 for f in folders)  # balanced
 
 
+def test_min_long_side_keeps_range_and_ratios(tmp_path):
+    from nit_lightning.data.synthetic import sample_size
+
+    base = SynthSettings(out="", min_side=32, max_side=128)
+    longer = SynthSettings(out="", min_side=32, max_side=128, min_long_side=64)
+    same = SynthSettings(out="", min_side=32, max_side=128, min_long_side=16)  # ≤ min_side: today's sizes exactly
+    a = [sample_size(np.random.default_rng([0, i]), base) for i in range(300)]
+    assert a == [sample_size(np.random.default_rng([0, i]), same) for i in range(300)]
+    b = [sample_size(np.random.default_rng([0, i]), longer) for i in range(300)]
+    assert all(64 <= max(hw) <= 128 and min(hw) >= 32 for hw in b) and min(max(hw) for hw in a) < 64
+    assert max(max(hw) / min(hw) for hw in b) > 2.5  # elongated images stay (short side down to min_side)
+    with pytest.raises(ValueError, match="min_long_side 200 must be ≤ max_side 128"):
+        SynthSettings(out="", max_side=128, min_long_side=200).validate()
+
+
 def test_train_val_split_through_command(tmp_path):
     code = synth_main(["--out", str(tmp_path), "--num-images", "50", "--num-classes", "5", "--min-side", "32",
                        "--max-side", "64", "--seed", "1", "--val-fraction", "0.2"])

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of images written to DIR/val")
     p.add_argument("--max-aspect", type=float, default=3.0, help="aspect ratios from 1:A to A:1")
+    p.add_argument("--min-long-side", type=int, default=0,
+                   help="long side drawn from [max(this, min-side), max-side] (0: from min-side)")
     p.add_argument("--snap-fraction", type=float, default=0.5, help="share of images with sides multiple of 8")
     return p
 
@@ -28,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = SynthSettings(
         out=args.out, num_images=args.num_images, num_classes=args.num_classes, min_side=args.min_side,
         max_side=args.max_side, seed=args.seed, val_fraction=args.val_fraction, max_aspect=args.max_aspect,
-        snap_fraction=args.snap_fraction,
+        snap_fraction=args.snap_fraction, min_long_side=args.min_long_side,
     )
     start = time.perf_counter()
     manifest = write_synthetic(settings)

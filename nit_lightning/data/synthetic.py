@@ -29,6 +29,9 @@ class SynthSettings:
     val_fraction: float = 0.0
     max_aspect: float = 3.0  # aspect ratios from 1:3 to 3:1
     snap_fraction: float = 0.5  # share of images whose sides are multiples of 8; the rest have free sides
+    # Long side uniform in [max(min_long_side, min_side), max_side]: fewer tiny images, whose 4-token sides cannot hold
+    # the thin parts of a shape (checker cells, stripes, cross arms). 0: from min_side (the short side stays ≥ min_side).
+    min_long_side: int = 0
 
     def validate(self) -> None:
         if self.num_images < 1 or self.num_classes < 1:
@@ -39,6 +42,8 @@ class SynthSettings:
             raise ValueError(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.max_aspect < 1.0:
             raise ValueError(f"max_aspect {self.max_aspect} must be ≥ 1")
+        if self.min_long_side > self.max_side:
+            raise ValueError(f"min_long_side {self.min_long_side} must be ≤ max_side {self.max_side}")
 
 
 def class_style(k: int) -> dict[str, Any]:
@@ -48,8 +53,9 @@ def class_style(k: int) -> dict[str, Any]:
 
 
 def sample_size(rng: np.random.Generator, s: SynthSettings) -> tuple[int, int]:
-    """(H, W): long side uniform in [min, max], aspect ratio log-uniform in [1/max_aspect, max_aspect], clamped."""
-    long_side = int(rng.integers(s.min_side, s.max_side + 1))
+    """(H, W): long side uniform in [max(min_long_side, min), max], aspect ratio log-uniform in
+    [1/max_aspect, max_aspect], clamped."""
+    long_side = int(rng.integers(max(s.min_long_side, s.min_side), s.max_side + 1))
     ratio = math.exp(rng.uniform(-math.log(s.max_aspect), math.log(s.max_aspect)))
     short_side = int(round(long_side / max(ratio, 1.0 / ratio)))
     h, w = (long_side, short_side) if ratio >= 1.0 else (short_side, long_side)
