@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import torch
 
 from nit_lightning.data.sizes import format_size, parse_size
 
@@ -81,8 +82,9 @@ def size_kind(size: str, demo: Demo) -> str:
     return f"unseen size, H:W {h // g}:{w // g}"
 
 
-def real_shape_accuracy(demo: Demo, shape: Path) -> dict[str, float]:
-    """The shape classifier on real images drawn at each sample size with held-out seeds: the ceiling of the samples."""
+def real_shape_accuracy(demo: Demo, shape: Path) -> dict[str, Any]:
+    """The shape classifier on the held-out val images, and on real images drawn at each sample size with held-out
+    seeds (the ceiling of the samples): {"heldout": acc, "sizes": {"HxW": acc}}."""
     from nit_lightning.data.synthetic import render
     from nit_lightning.evaluation.featurenet import shape_accuracy
 
@@ -93,6 +95,42 @@ def real_shape_accuracy(demo: Demo, shape: Path) -> dict[str, float]:
         images = np.stack([render(c, size, np.random.default_rng([int(demo.config["seed"]), 0xE7A1, i]))
                            for i, c in enumerate(labels)])
         out[format_size(size)] = shape_accuracy(images, labels, shape)
+    return {"heldout": heldout_shape_accuracy(demo, shape), "sizes": out}
+
+
+def heldout_shape_accuracy(demo: Demo, shape: Path) -> float:
+    """The shape classifier on the held-out val images at their native sizes (it never saw them)."""
+    from nit_lightning.data.imageops import read_rgb
+    from nit_lightning.data.listing import list_labelled_images
+    from nit_lightning.evaluation.featurenet import shape_accuracy
+
+    listing = list_labelled_images(demo.images / "val")
+    images = [torch.from_numpy(read_rgb(demo.images / "val" / rel).copy()).permute(2, 0, 1) for rel, _ in listing.items]
+    return shape_accuracy(images, [label for _, label in listing.items], shape)
+
+
+def samples_grid(samples: dict[str, Path], out: Path, num_classes: int, gap: int = 4) -> Path:
+    """One row per size, the first sample of each class (labels are i mod K), on white: the picture of a run."""
+    from PIL import Image
+
+    rows = []
+    for npz in samples.values():
+        with np.load(npz, allow_pickle=False) as data:
+            images, labels = data["arr_0"], data["arr_1"]
+        tiles = [images[int(np.flatnonzero(labels == k)[0])] for k in range(num_classes) if (labels == k).any()]
+        row = np.full((max(t.shape[0] for t in tiles), sum(t.shape[1] + gap for t in tiles) - gap, 3), 255, np.uint8)
+        x = 0
+        for tile in tiles:
+            row[:tile.shape[0], x:x + tile.shape[1]] = tile
+            x += tile.shape[1] + gap
+        rows.append(row)
+    canvas = np.full((sum(r.shape[0] + gap for r in rows) - gap, max(r.shape[1] for r in rows), 3), 255, np.uint8)
+    y = 0
+    for row in rows:
+        canvas[y:y + row.shape[0], :row.shape[1]] = row
+        y += row.shape[0] + gap
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(out, optimize=True)
     return out
 
 
@@ -101,13 +139,14 @@ def _cell(row: dict[str, Any] | None, key: str, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def metric_table(demo: Demo, metrics: dict[str, Any], features: str, real: dict[str, float]) -> list[str]:
+def metric_table(demo: Demo, metrics: dict[str, Any], features: str, real: dict[str, Any]) -> list[str]:
     """One row per (size, run): the ablation's runs side by side under each size."""
     keys = [m for m in METRICS if features == "featurenet" or m[0] not in ("class_acc", "shape_acc")]
     lines = [f"**{FEATURE_LABELS.get(features, features)}** — {demo.config['sample']['num_samples']} samples per size; "
              "references from the held-out val images."
-             + (" Shape acc of real images at each size (the ceiling): "
-                + ", ".join(f"{s} {v:.2f}" for s, v in real.items()) + "." if features == "featurenet" else ""), "",
+             + (f" Shape classifier on the held-out val images: {real['heldout']:.3f}; on real images drawn at each size "
+                "(the ceiling): " + ", ".join(f"{s} {v:.2f}" for s, v in real["sizes"].items()) + "."
+                if features == "featurenet" else ""), "",
              "| size (HxW) | kind | run | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
     for size in map(format_size, demo.sizes):
@@ -140,7 +179,7 @@ def ablation_summary(demo: Demo, metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write(demo: Demo, metrics: dict[str, Any], real: dict[str, float]) -> Path:
+def write(demo: Demo, metrics: dict[str, Any], real: dict[str, Any]) -> Path:
     """Write OUT/report.md; links are relative to OUT."""
     rel = lambda p: os.path.relpath(p, demo.out)  # noqa: E731
     runs = ", ".join(f"`{r}` ({' + '.join(m)}, seed {s})" for r, (m, s) in demo.runs().items())
@@ -158,7 +197,13 @@ def write(demo: Demo, metrics: dict[str, Any], real: dict[str, float]) -> Path:
     if demo.ablation:
         lines += ["### Ablation summary (mean over sizes; demo CNNs, not Inception)", ""]
         lines += ablation_summary(demo, metrics) + [""]
-    lines += ["## Sample grids (EMA weights, one image per class, fixed seeds)", ""]
+    lines += ["## Samples (EMA weights): one row per size, the first sample of each class", ""]
+    for run in demo.runs():
+        picture = demo.out / "runs" / run / "samples_grid.png"
+        if picture.is_file():
+            lines += [f"`{run}`: sizes {', '.join(map(format_size, demo.sizes))} top to bottom", "",
+                      f"![{run} samples]({rel(picture)})", ""]
+    lines += ["## Sample grids during training (seen sizes, fixed seeds)", ""]
     for run in demo.runs():
         grids = sorted((demo.out / "runs" / run / "grids").glob("step*.png"))
         last = grids[-1].name.split("_")[0] if grids else None
