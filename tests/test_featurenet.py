@@ -7,14 +7,9 @@ import torch
 from PIL import Image
 
 from nit_lightning.cli import featurenet as featurenet_cmd
+from nit_lightning.evaluation.classifiers import train_featurenet
 from nit_lightning.evaluation.extractors import load_feature_extractor
-from nit_lightning.evaluation.featurenet import (
-    FeatureNet,
-    FeatureNetConfig,
-    load_featurenet,
-    save_featurenet,
-    train_featurenet,
-)
+from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, load_featurenet, save_featurenet
 
 
 def write_two_colour_folder(root, per_class: int = 16, seed: int = 0) -> None:
@@ -79,7 +74,7 @@ def test_bad_specs_and_files(tmp_path):
     old = torch.load(tmp_path / "a.pt", weights_only=True)
     del old["arch_version"]  # a file from before the architecture changed must not load into the new one
     torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="architecture version 1"):
+    with pytest.raises(ValueError, match="format version 1"):
         load_featurenet(tmp_path / "old.pt")
 
 
@@ -127,7 +122,7 @@ def held_out_renders(hw=(48, 64), n=100):
 
 
 def test_shape_classifier_accuracy_on_real_images(synth_classifiers, tmp_path):
-    from nit_lightning.evaluation.featurenet import accuracy, shape_accuracy
+    from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
 
     images, labels = held_out_renders()
     acc = shape_accuracy(images, labels, synth_classifiers["gray-std"])
@@ -158,7 +153,7 @@ def test_colour_alone_cannot_be_classified(synth_classifiers):
     import colorsys
 
     from nit_lightning.data.synthetic import class_style
-    from nit_lightning.evaluation.featurenet import accuracy, shape_accuracy
+    from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
 
     labels = list(range(10)) * 2
     images = []

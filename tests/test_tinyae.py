@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from nit_lightning.data.codecs import TinyAECodec, codec_from_description, codec_from_spec, resolve_codec
+from nit_lightning.data.saved import file_sha256
 from nit_lightning.data.synthetic import SynthSettings, render, write_synthetic
 from nit_lightning.data.tinyae import (
     TinyAE,
     TinyAEConfig,
     TinyAETrainSettings,
-    file_sha256,
     load_tinyae,
     psnr,
     save_tinyae,
@@ -80,7 +80,7 @@ def test_describe_and_rebuild(ae_file):
 
 
 def test_bad_inputs(ae_file, tmp_path):
-    with pytest.raises(FileNotFoundError, match="tinyae file .* not found; train one with"):
+    with pytest.raises(FileNotFoundError, match="tinyae file .* not found; make one with"):
         codec_from_spec(f"tinyae:{tmp_path / 'nope.pt'}")
     with pytest.raises(ValueError, match="needs a file: tinyae:PATH"):
         codec_from_spec("tinyae")

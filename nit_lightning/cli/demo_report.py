@@ -86,7 +86,7 @@ def real_shape_accuracy(demo: Demo, shape: Path) -> dict[str, Any]:
     """The shape classifier on the held-out val images, and on real images drawn at each sample size with held-out
     seeds (the ceiling of the samples): {"heldout": acc, "sizes": {"HxW": acc}}."""
     from nit_lightning.data.synthetic import render
-    from nit_lightning.evaluation.featurenet import shape_accuracy
+    from nit_lightning.evaluation.classifiers import shape_accuracy
 
     k = int(demo.config["images"]["num_classes"])
     out = {}
@@ -102,7 +102,7 @@ def heldout_shape_accuracy(demo: Demo, shape: Path) -> float:
     """The shape classifier on the held-out val images at their native sizes (it never saw them)."""
     from nit_lightning.data.imageops import read_rgb
     from nit_lightning.data.listing import list_labelled_images
-    from nit_lightning.evaluation.featurenet import shape_accuracy
+    from nit_lightning.evaluation.classifiers import shape_accuracy
 
     listing = list_labelled_images(demo.images / "val")
     images = [torch.from_numpy(read_rgb(demo.images / "val" / rel).copy()).permute(2, 0, 1) for rel, _ in listing.items]

@@ -111,7 +111,7 @@ class Demo:
     # -- 3: the evaluation nets and references -------------------------------------------------------------------------
     def make_classifiers(self) -> dict[str, Path]:
         """The demo feature net (RGB, FID stand-in) and the shape classifier (grayscale, standardised per image)."""
-        from nit_lightning.evaluation.featurenet import train_featurenet
+        from nit_lightning.evaluation.classifiers import train_featurenet
 
         nets = {"featurenet": (self.eval / "featurenet.pt", "rgb"), "shape": (self.eval / "shape.pt", "gray-std")}
         settings = self.config["evaluate"]
@@ -210,8 +210,9 @@ class Demo:
     def evaluate(self, name: str, samples: dict[str, Path], extractors: dict[str, Any], refs: dict[str, Path],
                  shape: Path) -> dict[str, Any]:
         """FID / sFID / IS / P / R per size and extractor, class accuracy (feature net), shape accuracy -> metrics.json."""
+        from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
         from nit_lightning.evaluation.evaluate import evaluate_samples
-        from nit_lightning.evaluation.featurenet import accuracy, load_featurenet, shape_accuracy
+        from nit_lightning.evaluation.featurenet import load_featurenet
 
         path = self.out / "runs" / name / "metrics.json"
         record = json.loads(path.read_text()) if path.is_file() else {}

@@ -6,7 +6,7 @@ import json
 
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
-from nit_lightning.evaluation.featurenet import train_featurenet
+from nit_lightning.evaluation.classifiers import train_featurenet
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,7 +156,8 @@ class TinyAECodec(Codec):
     """The tiny learned autoencoder of data/tinyae.py: latent = encoder(x) · scaling_factor (stored in the file)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
-        from nit_lightning.data.tinyae import file_sha256, load_tinyae
+        from nit_lightning.data.saved import file_sha256
+        from nit_lightning.data.tinyae import load_tinyae
 
         self.path = str(path)
         net, self.scaling_factor, _ = load_tinyae(self.path)

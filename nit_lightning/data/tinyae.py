@@ -7,7 +7,6 @@ Pure torch: no Lightning. Trains in well under a minute on 2 CPU cores on the de
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from torch import nn
 
 from nit_lightning.data.imageops import image_to_tensor, open_rgb
 from nit_lightning.data.listing import list_images
+from nit_lightning.data.saved import load_payload, save_payload
 
 log = logging.getLogger(__name__)
 
@@ -162,35 +162,14 @@ def train_tinyae(data_dir: str | Path, out: str | Path, config: TinyAEConfig | N
 
 
 def save_tinyae(net: TinyAE, out: str | Path, *, scaling_factor: float, report: dict[str, Any]) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"kind": KIND, "version": FORMAT_VERSION, "config": asdict(net.config), "state_dict": net.state_dict(),
-               "scaling_factor": float(scaling_factor), "report": report}
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    save_payload(out, {"kind": KIND, "version": FORMAT_VERSION, "config": asdict(net.config),
+                       "state_dict": net.state_dict(), "scaling_factor": float(scaling_factor), "report": report})
 
 
 def load_tinyae(path: str | Path) -> tuple[TinyAE, float, dict[str, Any]]:
     """(network in eval mode, scaling factor, payload) from a file written by `save_tinyae`; strict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tinyae file {str(path)!r} not found; train one with "
-                                "`python -m nit_lightning tinyae --data DIR --out FILE.pt`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a text file, a truncated file, a pickle that is not plain tensors
-        raise ValueError(f"{str(path)!r} is not a tinyae file (torch.load failed: {type(error).__name__})") from error
-    if not isinstance(payload, dict) or payload.get("kind") != KIND:
-        kind = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{str(path)!r} is not a tinyae file (kind {kind!r}, expected {KIND!r})")
-    if payload.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} is a tinyae of format version {payload.get('version')}, this code reads "
-                         f"version {FORMAT_VERSION}: retrain it")
+    payload = load_payload(path, kind=KIND, version_key="version", version=FORMAT_VERSION, what="tinyae",
+                           how_to_make="python -m nit_lightning tinyae --data DIR --out FILE.pt")
     net = TinyAE(TinyAEConfig(**payload["config"]))
     net.load_state_dict(payload["state_dict"], strict=True)
     return net.eval().requires_grad_(False), float(payload["scaling_factor"]), payload

@@ -1,6 +1,6 @@
 """Measuring images, ADM-faithful in PyTorch: FID / sFID / IS / precision / recall against reference batches.
 
-inception.py (the TF 2015-12-05 FID network), extractors.py (feature-extractor specs), featurenet.py (the CPU demo's
+inception.py (the TF 2015-12-05 FID network), extractors.py (feature-extractor specs), classifiers.py (training and scoring them), featurenet.py (the CPU demo's
 stand-in classifiers, NOT Inception), metrics.py, reference.py (ADM npz read / build), evaluate.py (a sample set or
 freshly generated images vs a reference), sweep.py (resolution / aspect-ratio sweeps: sample, evaluate, tabulate).
 """
