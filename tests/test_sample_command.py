@@ -252,3 +252,18 @@ def test_official_safetensors_plumbing(tmp_path):
     assert (gen.net.config.depth, gen.net.config.hidden_size, gen.net.config.num_heads) == (2, 64, 2)
     for (k, a), b in zip(src.state_dict().items(), gen.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_temporary_files_are_per_process(ckpt, tmp_path):
+    """Another run's temporary files in the folder (same names, other process id) neither collide nor get touched."""
+    out = tmp_path / "s"
+    folder = out / "8x8"
+    folder.mkdir(parents=True)
+    foreign = [folder / "samples_2x8x8x3.npz.99999.tmp", folder / "000000.png.99999.tmp"]
+    for path in foreign:
+        path.write_bytes(b"another process is writing this")
+    argv = ["--ckpt", str(ckpt), "--sizes", "8x8", "--num-samples", "2", "--steps", "2", "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    assert all(path.read_bytes() == b"another process is writing this" for path in foreign)
+    assert np.load(folder / "samples_2x8x8x3.npz")["arr_0"].shape == (2, 8, 8, 3)
