@@ -244,7 +244,7 @@ def test_net_model_fn_builds_meta_once_per_branch():
     net = _tiny_net()
     built = []
     real = net.build_meta
-    net.build_meta = lambda hw, n: (built.append(n), real(hw, n))[1]
+    net.build_meta = lambda hw, n, **kw: (built.append(n), real(hw, n, **kw))[1]
     hw, y = torch.tensor([[2, 3], [3, 3]]), torch.tensor([1, 2])
     noise = per_sample_noise([5, 6], hw, 4, dtype=torch.float64)
     kw = dict(method="heun", steps=5, cfg_scale=3.0, cfg_interval=(0.0, 0.7), null_class=net.null_class)
