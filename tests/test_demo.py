@@ -111,8 +111,10 @@ def test_demo_scale_sweep_on_the_trained_model(quick_ablation, tmp_path):
     sweep.write_text("name: toy\nsettings:\n  - {size: 32x64, method: euler, steps: 2, cfg_scale: 2.0}\n")
     assert main(["--config", str(QUICK), "--out", str(out), "--sweep", str(sweep), "--threads", "1"]) == 0
     results = json.loads((out / "sweeps" / "sweep" / "results.json").read_text())
-    assert results["results"]["32x64"]["status"] == "ok" and "NOT the FID Inception" in \
-        (out / "sweeps" / "sweep" / "results.md").read_text()
+    table = (out / "sweeps" / "sweep" / "results.md").read_text()
+    assert results["results"]["32x64"]["status"] == "ok" and "NOT the FID Inception" in table
+    metrics = results["results"]["32x64"]["metrics"]
+    assert "| class_acc | shape_acc |" in table and 0 <= metrics["class_acc"] <= 1 and 0 <= metrics["shape_acc"] <= 1
 
 
 def test_demo_sweep_files_fit_the_demo_codec():

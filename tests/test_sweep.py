@@ -114,6 +114,13 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     calls.clear()
     run_sweep(load_sweep(tmp_path / "toy.yaml").select(["16x32"]), **kwargs)
     assert calls == []
+    # an extra metric is a column and a TensorBoard scalar; adding one redoes the settings (their record differs)
+    summary = run_sweep(load_sweep(tmp_path / "toy.yaml"), **kwargs,
+                        extra_metrics={"mean_px": lambda npz: np.load(npz)["arr_0"].mean() / 255})
+    assert calls == ["16x16", "16x32"]
+    assert all(0 < r["metrics"]["mean_px"] < 1 for r in summary["results"].values())
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| Rec | mean_px |" in table and table.count("|---") == 11
 
 
 @pytest.mark.slow

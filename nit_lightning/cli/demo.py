@@ -89,6 +89,8 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     """A demo-scale sweep on the trained default run: references at the sweep's sizes, then the suite's run_sweep."""
     import torch
 
+    from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
+    from nit_lightning.evaluation.featurenet import load_featurenet
     from nit_lightning.evaluation.sweep import run_sweep
     from nit_lightning.generation.pipeline import load_pipeline
     from nit_lightning.generation.settings import load_sweep
@@ -104,10 +106,13 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     extractors = {"featurenet": demo.extractors(featurenet)["featurenet"]}
     demo.references(extractors, [s.size for s in sweep.settings])
     out_dir = demo.out / "sweeps" / Path(sweep_path).stem
+    shape = load_featurenet(demo.eval / "shape.pt")  # the demo's two classifiers: class and shape accuracy columns
+    extra = {"class_acc": lambda npz: accuracy(npz, None, extractors["featurenet"].net),
+             "shape_acc": lambda npz: shape_accuracy(npz, None, shape)}
     summary = run_sweep(sweep, ref_dir=demo.reference_dir("featurenet"), out=out_dir,
                         num=int(demo.config["sample"]["num_samples"]), extractor=extractors["featurenet"],
                         pipeline=load_pipeline(ckpt), seed=int(demo.config["seed"]),
-                        tokens_per_pack=int(demo.config["sample"]["tokens_per_pack"]))
+                        tokens_per_pack=int(demo.config["sample"]["tokens_per_pack"]), extra_metrics=extra)
     print((out_dir / "results.md").read_text())
     print(f"TensorBoard:  tensorboard --logdir {out_dir / 'tb'}")
     return 1 if any(r["status"] == "failed" for r in summary["results"].values()) else 0

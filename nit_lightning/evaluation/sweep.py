@@ -27,16 +27,20 @@ from nit_lightning.generation.settings import Sweep, SweepSetting
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
 SampleFn = Callable[[SweepSetting, Path], Path]  # (setting, samples folder) -> that setting's ADM npz
+ExtraMetric = Callable[[Path], float]  # a setting's ADM npz -> one number (e.g. a classifier's accuracy)
 
 
 def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, extractor: FeatureExtractor,
               pipeline: Pipeline | None = None, sample_fn: SampleFn | None = None, seed: int = 0,
-              tokens_per_pack: int = 16384, tb: bool = True, pr_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+              tokens_per_pack: int = 16384, tb: bool = True, pr_dtype: torch.dtype = torch.float32,
+              extra_metrics: dict[str, ExtraMetric] | None = None) -> dict[str, Any]:
     """Sample + evaluate every setting; resumable per setting; a failing setting is reported, the others still run.
 
-    A finished setting is reused only when its record matches: the setting, num, seed, features and the weights
-    (`pipeline.meta["weights_sha256"]`), so a replaced checkpoint is never mixed with old results.
+    A finished setting is reused only when its record matches: the setting, num, seed, features, the names of the
+    extra metrics and the weights (`pipeline.meta["weights_sha256"]`), so a replaced checkpoint is never mixed with
+    old results. `extra_metrics` {name: fn(npz) -> float} add columns to the table and scalars to TensorBoard.
     """
+    extra_metrics = dict(extra_metrics or {})
     if pipeline is None and sample_fn is None:
         raise ValueError("run_sweep needs a pipeline to sample with (or a sample_fn)")
     ranks = distributed.current()
@@ -52,7 +56,7 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         name = setting.name
         done_file = out / name / "result.json"
         config = {"setting": setting.as_dict(), "num": num, "seed": seed, "features": extractor.name,
-                  "weights_sha256": weights}
+                  "weights_sha256": weights, **({"extra_metrics": sorted(extra_metrics)} if extra_metrics else {})}
         if done_file.is_file():
             previous = json.loads(done_file.read_text())
             if previous.get("config") == config and previous.get("status") == "ok":
@@ -72,6 +76,7 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
             metrics = evaluate_samples(samples, ref_path, extractor, pr_dtype=pr_dtype)
             if metrics["num_samples"] != num:
                 raise RuntimeError(f"{samples} holds {metrics['num_samples']} samples, the sweep asked for {num}")
+            metrics.update({key: float(fn(samples)) for key, fn in extra_metrics.items()})
             record = {"status": "ok", "config": config, "metrics": metrics, "published": setting.published}
             done_file.write_text(json.dumps(record, indent=2, default=_json_default))
         except Exception as error:  # one setting's failure must not stop the others; it is reported and counted
@@ -84,9 +89,9 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
     summary = {"name": sweep.name, "published_model": sweep.published_model, "num": num, "features": extractor.name,
                "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    (out / "results.md").write_text(results_markdown(summary, list(sweep.settings)))
+    (out / "results.md").write_text(results_markdown(summary, list(sweep.settings), list(extra_metrics)))
     if tb:
-        _log_tensorboard(out / "tb", results)
+        _log_tensorboard(out / "tb", results, METRIC_KEYS + tuple(extra_metrics))
     return summary
 
 
@@ -102,14 +107,16 @@ def _fmt(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def results_markdown(summary: dict[str, Any], settings: list[SweepSetting]) -> str:
-    """A paper-style table: ours, with the published numbers in parentheses."""
+def results_markdown(summary: dict[str, Any], settings: list[SweepSetting], extra: list[str] | None = None) -> str:
+    """A paper-style table: ours, with the published numbers in parentheses; then the `extra` metric columns."""
+    extra = list(extra or [])
     lines = [f"# Sweep {summary.get('name') or ''}: {summary['num']} samples per setting", "",
              f"Features: `{summary['features']}`" + ("" if is_reference_grade(summary["features"])
                                                      else f" — **{NOT_INCEPTION}**"),
              f"Published numbers (in parentheses): {summary.get('published_model') or 'n/a'}", "",
-             "| size (HxW) | solver, NFE | CFG | interval | N | FID | sFID | IS | Prec | Rec |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| size (HxW) | solver, NFE | CFG | interval | N | FID | sFID | IS | Prec | Rec |"
+             + "".join(f" {key} |" for key in extra),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     digits = {"fid": 2, "sfid": 2, "is": 2, "precision": 3, "recall": 3}
     for setting in settings:
         record = summary["results"].get(setting.name, {})
@@ -117,15 +124,16 @@ def results_markdown(summary: dict[str, Any], settings: list[SweepSetting]) -> s
         lo, hi = sampler.cfg_interval
         head = f"| {setting.name} | {sampler.method.upper()} {sampler.steps} | {sampler.cfg_scale:g} | [{lo:g}, {hi:g}] |"
         if record.get("status") != "ok":
-            lines.append(f"{head} – | failed: {record.get('error', 'not run')[:80]} | | | | |")
+            lines.append(f"{head} – | failed: {record.get('error', 'not run')[:80]} | | | | |" + " |" * len(extra))
             continue
         m, pub = record["metrics"], setting.published
         cells = [f"{_fmt(m.get(k), digits[k])} ({_fmt(pub.get(k), digits[k])})" for k in METRIC_KEYS]
+        cells += [_fmt(m.get(k), 3) for k in extra]
         lines.append(f"{head} {m['num_samples']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _log_tensorboard(log_dir: Path, results: dict[str, Any]) -> None:
+def _log_tensorboard(log_dir: Path, results: dict[str, Any], keys: tuple[str, ...]) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional at run time
@@ -134,6 +142,6 @@ def _log_tensorboard(log_dir: Path, results: dict[str, Any]) -> None:
     with SummaryWriter(str(log_dir)) as writer:
         for name, record in results.items():
             if record.get("status") == "ok":
-                for key in METRIC_KEYS:
+                for key in keys:
                     if key in record["metrics"]:
                         writer.add_scalar(f"sweep/{name}/{key}", record["metrics"][key], 0)
