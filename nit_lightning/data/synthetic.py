@@ -81,7 +81,9 @@ def _shape_mask(family: str, u: np.ndarray, v: np.ndarray, long_is_w: bool, phas
     elif family == "cross":
         d = np.minimum(np.maximum(np.abs(u) - 0.7, np.abs(v) - 0.15), np.maximum(np.abs(u) - 0.15, np.abs(v) - 0.7))
     elif family == "checker":
-        cells = (np.floor((u + 1) * 3 + phase) + np.floor((v + 1) * 3)) % 2
+        # 4 x 4 cells over the canvas: at 6 x 6 the demo's small NiT drew them as noise at every size (shape acc 0 of
+        # 5 samples per size); at 4 x 4 it draws a lattice at 128-192 px (docs/demo.md)
+        cells = (np.floor((u + 1) * 2 + phase) + np.floor((v + 1) * 2)) % 2
         return cells.astype(np.float32) * (np.maximum(np.abs(u), np.abs(v)) < 0.8)
     elif family == "triangle":  # apex up, base at v = 0.6
         d = np.maximum(v - 0.6, np.abs(u) * 1.6 - (v + 0.7))
