@@ -15,12 +15,17 @@ import torch
 from nit_lightning.data.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
-    from nit_lightning.cli.demo import Demo
+    from nit_lightning.cli.demo_steps import Demo
 
 FEATURE_LABELS = {"featurenet": "feature net: demo CNN, not Inception", "inception": "Inception-v3 (FID network)"}
 METRICS = (("fid", "FID ↓", 2), ("sfid", "sFID ↓", 2), ("is", "IS ↑", 2), ("precision", "Prec ↑", 3),
            ("recall", "Rec ↑", 3), ("class_acc", "class acc ↑", 3), ("shape_acc", "shape acc ↑", 3))
 REAL_PER_CLASS = 5  # held-out real images per class and size for the shape classifier's ceiling
+
+
+def run_name(mixture: str, seed: int, base_seed: int) -> str:
+    """An ablation run's folder name: the mixture alone for the config's own seed, else `<mixture>-s<seed>`."""
+    return mixture if seed == base_seed else f"{mixture}-s{seed}"
 
 
 def load_average() -> float | None:
@@ -167,7 +172,7 @@ def ablation_summary(demo: Demo, metrics: dict[str, Any]) -> list[str]:
             per_seed = {}
             for run, (_, seed) in demo.runs().items():
                 rows = [metrics.get(run, {}).get("featurenet", {}).get(s) for s in sizes]
-                if run.split("-s")[0] == mixture and sizes and all(rows):
+                if run == run_name(mixture, seed, int(demo.config["seed"])) and sizes and all(rows):
                     per_seed[seed] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
             for seed, mean in sorted(per_seed.items()):
                 lines.append(f"| {mixture} | {group} ({len(sizes)}) | {seed} | {mean['shape_acc']:.3f} | "

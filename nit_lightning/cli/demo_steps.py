@@ -44,14 +44,16 @@ class Demo:
 
     # -- which runs ------------------------------------------------------------------------------------------------
     def runs(self) -> dict[str, tuple[list[str], int]]:
-        """Run name -> (prepare modes of its data, training seed): the first mixture, or all of them × the seeds."""
-        mixtures = self.config["runs"]
+        """Run name -> (prepare modes of its data, training seed): the first mixture, or all of them × the seeds.
+
+        A run with the config's own seed is named after its mixture alone, so `--ablation` after a plain demo
+        reuses that demo's run; the runs of other seeds are `<mixture>-s<seed>`."""
+        mixtures, base = self.config["runs"], int(self.config["seed"])
         if not self.ablation:
             name = next(iter(mixtures))
-            return {name: (mixtures[name], int(self.config["seed"]))}
+            return {name: (mixtures[name], base)}
         seeds = [int(s) for s in self.config["ablation"]["seeds"]]
-        return {(name if len(seeds) == 1 else f"{name}-s{seed}"): (modes, seed)
-                for seed in seeds for name, modes in mixtures.items()}
+        return {report.run_name(name, seed, base): (modes, seed) for seed in seeds for name, modes in mixtures.items()}
 
     def check_settings(self) -> None:
         """Refuse to resume into an OUT made with other settings (its outputs would mix); record them otherwise."""
