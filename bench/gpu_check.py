@@ -1,7 +1,7 @@
 """One prepared GPU check (issues 9, 15): backend correctness, NiT-XL/NiT-B training MFU per compile mode, sampling latency.
 
 Usage: `python bench/gpu_check.py [--out outputs/gpu_check.json] [--jsonl outputs/gpu_check.jsonl] [--quick]
-[--sections backends,packed,train,sampling,e2e] [--modes none,blocks,model] [--train-timeout 240] [--deadline 600]`
+[--sections backends,packed,train,sampling,e2e] [--modes none,blocks,model] [--train-timeout 240] [--budget 330]`
 (or `make gpu-check`). Every result is appended to the JSON-lines file the moment it exists, so a killed run still
 leaves numbers; each training run is a child process with its own timeout. Prints one table last and writes JSON.
 The fp32 backend checks run in true fp32 (TF32 off for cuBLAS, cuDNN and Triton, restored afterwards) against a
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -222,10 +223,8 @@ def run_training_child(config: dict, timeout_s: float, jsonl: str | Path | None)
     """
     command = [sys.executable, str(Path(__file__).resolve()), "--train-one", json.dumps(config)]
     label = {k: config[k] for k in ("preset", "tokens", "compile_mode")}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.TimeoutExpired:
+    done = run_child(command, timeout_s)
+    if done is None:
         record = {**label, "compile": config["compile_mode"], "error": f"timeout after {timeout_s:.0f} s"}
     else:
         results = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -311,6 +310,81 @@ def print_table(results: dict) -> None:
     console.print(table)
 
 
+SECTION_KEYS = {"train": "training", "sampling": "sampling", "e2e": "e2e"}
+MIN_STEP_S = 30.0  # a training child or the end-to-end section needs at least this to produce a number
+
+
+class Budget:
+    """Seconds left of one wall-clock budget; `timeout(cap)` = what the next step may use, or None to skip it."""
+
+    def __init__(self, total_s: float, clock=time.perf_counter) -> None:
+        self.total_s, self.clock, self.start = total_s, clock, clock()
+
+    def left(self) -> float:
+        return self.total_s - (self.clock() - self.start)
+
+    def timeout(self, cap_s: float) -> float | None:
+        left = self.left()
+        return None if left < MIN_STEP_S else min(cap_s, left)
+
+
+def plan_steps(sections: set[str], modes: list[str]) -> list[tuple[str, dict]]:
+    """The budgeted steps in priority order: eager training (the baseline), sampling, the end-to-end user path, then
+    each compiled mode for both presets."""
+    presets = (("NiT-XL", 16384), ("NiT-B", 65536))
+    steps: list[tuple[str, dict]] = []
+    train = [m for m in modes if m in COMPILE_MODES] if "train" in sections else []
+    if "none" in train:
+        steps += [("train", {"preset": p, "tokens": n, "compile": "none"}) for p, n in presets]
+    if "sampling" in sections:  # 2 packs each at the default 16384 tokens with CFG
+        steps += [("sampling", {"size": (256, 256), "num": 256}), ("sampling", {"size": (512, 512), "num": 64})]
+    if "e2e" in sections:
+        steps.append(("e2e", {"sizes": "synth -> prepare -> fit -> sample"}))
+    for mode in (m for m in train if m != "none"):
+        steps += [("train", {"preset": p, "tokens": n, "compile": mode}) for p, n in presets]
+    return steps
+
+
+def skipped_row(kind: str, detail: dict, args: argparse.Namespace) -> dict:
+    """The record of a step the budget left out, in the shape its table row reads."""
+    why = f"skipped: the {args.budget:.0f} s budget was spent (rerun with --sections {kind})"
+    if kind == "sampling":
+        return {"sizes": str(detail["size"]), "error": why}
+    if kind == "e2e":
+        return {"section": "e2e-skipped", "error": why}
+    return {**detail, "error": why}
+
+
+def run_child(command: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+    """Run a child in its own process group; on timeout kill the whole group (its compile workers and commands too)
+    and return None."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return None
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+def run_e2e(args: argparse.Namespace, training: list[dict], timeout: float) -> list[dict]:
+    """bench/gpu_e2e.py in a child with the time left; its rows from the JSON lines it appended."""
+    raw = [r for r in training if r.get("preset") == "NiT-B" and r.get("compile") == "none" and "tokens_per_s" in r]
+    command = [sys.executable, str(Path(__file__).with_name("gpu_e2e.py")), "--work", args.e2e_work,
+               "--out", args.jsonl] + (["--raw-tokens-per-s", str(raw[0]["tokens_per_s"])] if raw else [])
+    before = Path(args.jsonl).read_text().count("\n") if Path(args.jsonl).is_file() else 0
+    done = run_child(command, timeout)
+    if done is None:
+        emit(args.jsonl, "e2e-timeout", {"error": f"end-to-end section stopped after {timeout:.0f} s"})
+    elif done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        emit(args.jsonl, "e2e-failed", {"error": f"exit {done.returncode}: {tail}"[:400]})
+    lines = Path(args.jsonl).read_text().splitlines()[before:]
+    return [row for row in map(json.loads, lines) if row.get("section", "").startswith("e2e-")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/gpu_check.json")
@@ -323,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-timeout", type=float, default=420.0, help="seconds for the whole end-to-end section")
     parser.add_argument("--modes", default=",".join(COMPILE_MODES), help="compile modes of the training section")
     parser.add_argument("--train-timeout", type=float, default=240.0, help="seconds per training run (a child process)")
-    parser.add_argument("--deadline", type=float, default=600.0, help="no new training/sampling run after this many s")
+    parser.add_argument("--budget", type=float, default=330.0,
+                        help="wall-clock seconds for the whole check (default 330: the table is out within 6 min)")
     parser.add_argument("--train-one", default=None, help=argparse.SUPPRESS)  # child mode: one time_training run
     args = parser.parse_args(argv)
     if args.train_one is not None:
@@ -337,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (CPU paths are covered by `make test` and bench/).")
         return 0
-    started = time.perf_counter()
+    budget = Budget(args.budget)
     sections = set(args.sections.split(","))
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -355,38 +430,29 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             results["packed_vs_padded"] = {"error": repr(error)[:300]}
         emit(args.jsonl, "packed_vs_padded", results["packed_vs_padded"])
-    if "train" in sections:
-        torch.cuda.empty_cache()  # the children need the memory this process cached in the sections above
-        modes = ["none"] if args.quick else args.modes.split(",")
-        for preset, tokens in (("NiT-XL", 16384), ("NiT-B", 65536)):
-            for mode in modes:
-                if time.perf_counter() - started > args.deadline:
-                    results["training"].append(emit(args.jsonl, "train", {"preset": preset, "tokens": tokens,
-                                                                          "compile": mode, "error": "skipped: deadline"}))
-                    continue
-                config = {"preset": preset, "tokens": tokens, "compile_mode": mode, "peak_tflops": args.peak_tflops,
-                          "device": "cuda"}
-                results["training"].append(run_training_child(config, args.train_timeout, args.jsonl))
-    if "sampling" in sections:
-        for size, num in (((256, 256), 256), ((512, 512), 64)):  # 2 packs each at the default 16384 tokens with CFG
-            if time.perf_counter() - started > args.deadline:
-                results["sampling"].append(emit(args.jsonl, "sampling", {"sizes": str(size), "error": "skipped: deadline"}))
-                continue
+    # Everything after the quick in-process checks runs in priority order under one budget: the eager training runs,
+    # sampling and the end-to-end user path first, the compiled modes with the time left. A step that would start
+    # with less than MIN_STEP_S left is recorded as skipped, so the table still says what was not measured.
+    for step in plan_steps(sections, ["none"] if args.quick else args.modes.split(",")):
+        kind, detail = step
+        timeout = budget.timeout(args.train_timeout if kind == "train" else args.e2e_timeout if kind == "e2e" else 120)
+        if timeout is None:
+            results.setdefault(SECTION_KEYS[kind], []).append(emit(args.jsonl, kind, skipped_row(kind, detail, args)))
+            continue
+        if kind == "train":
+            torch.cuda.empty_cache()  # the children need the memory this process cached in the sections above
+            config = {"preset": detail["preset"], "tokens": detail["tokens"], "compile_mode": detail["compile"],
+                      "peak_tflops": args.peak_tflops, "device": "cuda"}
+            results["training"].append(run_training_child(config, timeout, args.jsonl))
+        elif kind == "sampling":
             try:
-                row = time_sampling(device, size, num)
+                row = time_sampling(device, detail["size"], detail["num"])
             except Exception as error:
-                row = {"sizes": str(size), "error": repr(error)[:300]}
+                row = {"sizes": str(detail["size"]), "error": repr(error)[:300]}
             results["sampling"].append(emit(args.jsonl, "sampling", row))
             torch.cuda.empty_cache()
-    if "e2e" in sections:  # the user path, each step a real command (bench/gpu_e2e.py), results in the same JSON lines
-        raw = [r for r in results["training"] if r.get("preset") == "NiT-B" and r.get("compile") == "none" and
-               "tokens_per_s" in r]
-        command = [sys.executable, str(Path(__file__).with_name("gpu_e2e.py")), "--work", args.e2e_work,
-                   "--out", args.jsonl] + (["--raw-tokens-per-s", str(raw[0]["tokens_per_s"])] if raw else [])
-        before = Path(args.jsonl).read_text().count("\n") if Path(args.jsonl).is_file() else 0
-        subprocess.run(command, timeout=args.e2e_timeout, check=False)
-        lines = Path(args.jsonl).read_text().splitlines()[before:]
-        results["e2e"] = [row for row in map(json.loads, lines) if row.get("section", "").startswith("e2e-")]
+        else:  # the user path, each step a real command (bench/gpu_e2e.py), results in the same JSON lines
+            results["e2e"] = run_e2e(args, results["training"], timeout)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)

@@ -110,3 +110,35 @@ def test_end_to_end_section_runs_the_user_path_on_cpu(tmp_path):
     assert all(row["rc"] == 0 for row in rows.values())
     assert rows["e2e-prepare"]["images"] == 40 and rows["e2e-fit"]["perf/tokens_per_sec"] > 0
     assert rows["e2e-fit"]["fit_vs_raw"] > 0 and rows["e2e-sample"]["images_per_s"] > 0
+
+
+def test_budget_orders_the_steps_and_skips_what_does_not_fit(gpu_check):
+    steps = gpu_check.plan_steps({"train", "sampling", "e2e"}, ["none", "blocks", "model"])
+    kinds = [(kind, detail.get("compile")) for kind, detail in steps]
+    # the eager baseline, sampling and the user path come before any compiled run
+    assert kinds[:5] == [("train", "none"), ("train", "none"), ("sampling", None), ("sampling", None), ("e2e", None)]
+    assert kinds[5:] == [("train", "blocks")] * 2 + [("train", "model")] * 2
+    assert [k for k, _ in gpu_check.plan_steps({"sampling"}, ["none"])] == ["sampling", "sampling"]
+    now = [0.0]
+    budget = gpu_check.Budget(100.0, clock=lambda: now[0])
+    assert budget.timeout(240) == 100.0 and budget.timeout(40) == 40
+    now[0] = 75.0
+    assert budget.timeout(240) is None  # 25 s left: less than a step needs, so it is skipped and said so
+
+
+def test_a_child_past_its_timeout_is_killed_with_its_own_children(gpu_check, tmp_path):
+    import sys
+    import time
+
+    marker = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    started = time.perf_counter()
+    assert gpu_check.run_child([sys.executable, "-c", code], timeout=3) is None
+    assert time.perf_counter() - started < 20
+    pid = int(marker.read_text())
+    time.sleep(0.5)
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "zombie" in status.read_text()  # the grandchild went with the group
+    done = gpu_check.run_child([sys.executable, "-c", "print('ok')"], timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "ok"
