@@ -433,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything after the quick in-process checks runs in priority order under one budget: the eager training runs,
     # sampling and the end-to-end user path first, the compiled modes with the time left. A step that would start
     # with less than MIN_STEP_S left is recorded as skipped, so the table still says what was not measured.
-    for step in plan_steps(sections, ["none"] if args.quick else args.modes.split(",")):
-        kind, detail = step
+    for kind, detail in plan_steps(sections, ["none"] if args.quick else args.modes.split(",")):
         timeout = budget.timeout(args.train_timeout if kind == "train" else args.e2e_timeout if kind == "e2e" else 120)
         if timeout is None:
             results.setdefault(SECTION_KEYS[kind], []).append(emit(args.jsonl, kind, skipped_row(kind, detail, args)))
