@@ -90,6 +90,7 @@ def test_quick_ablation_runs_end_to_end(quick_ablation):
     report = (out / "report.md").read_text()
     assert "demo CNNs, not Inception" in report and "Ablation summary" in report and "shape acc" in report
     assert "tensorboard --logdir" in report and "the ceiling" in report and "held-out val images" in report
+    assert "over 8 samples has a standard error of 0.14" in report  # sqrt(0.8 * 0.2 / 8)
     assert all((out / "runs" / run / "samples_grid.png").is_file() for run in config["runs"])
     timings = json.loads((out / "timings.json").read_text())
     assert {"1-images", "2b-shards-native", "3-shape", "4-fit-mix", "5-sample-fixed", "6-evaluate-native"} <= set(timings)

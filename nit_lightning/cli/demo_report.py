@@ -147,10 +147,13 @@ def _cell(row: dict[str, Any] | None, key: str, digits: int) -> str:
 def metric_table(demo: Demo, metrics: dict[str, Any], features: str, real: dict[str, Any]) -> list[str]:
     """One row per (size, run): the ablation's runs side by side under each size."""
     keys = [m for m in METRICS if features == "featurenet" or m[0] not in ("class_acc", "shape_acc")]
-    lines = [f"**{FEATURE_LABELS.get(features, features)}** — {demo.config['sample']['num_samples']} samples per size; "
+    n = int(demo.config["sample"]["num_samples"])
+    lines = [f"**{FEATURE_LABELS.get(features, features)}** — {n} samples per size; "
              "references from the held-out val images."
              + (f" Shape classifier on the held-out val images: {real['heldout']:.3f}; on real images drawn at each size "
                 "(the ceiling): " + ", ".join(f"{s} {v:.2f}" for s, v in real["sizes"].items()) + "."
+                + f" An accuracy near 0.8 over {n} samples has a standard error of "
+                f"{math.sqrt(0.8 * 0.2 / n):.2f}: one more or one fewer sample is {1 / n:.2f}."
                 if features == "featurenet" else ""), "",
              "| size (HxW) | kind | run | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
