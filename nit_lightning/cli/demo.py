@@ -18,7 +18,7 @@ import yaml
 from nit_lightning.cli import demo_report as report
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
-from nit_lightning.cli.demo_steps import Demo
+from nit_lightning.cli.demo_steps import Demo, accuracy_metrics
 
 SECTIONS = ("seed", "threads", "images", "codec", "shards", "runs", "ablation", "fit", "sample", "evaluate")
 
@@ -89,8 +89,6 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     """A demo-scale sweep on the trained default run: references at the sweep's sizes, then the suite's run_sweep."""
     import torch
 
-    from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
-    from nit_lightning.evaluation.featurenet import load_featurenet
     from nit_lightning.evaluation.sweep import run_sweep
     from nit_lightning.generation.pipeline import load_pipeline
     from nit_lightning.generation.settings import load_sweep
@@ -106,9 +104,7 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     extractors = {"featurenet": demo.extractors(featurenet)["featurenet"]}
     demo.references(extractors, [s.size for s in sweep.settings])
     out_dir = demo.out / "sweeps" / Path(sweep_path).stem
-    shape = load_featurenet(demo.eval / "shape.pt")  # the demo's two classifiers: class and shape accuracy columns
-    extra = {"class_acc": lambda npz: accuracy(npz, None, extractors["featurenet"].net),
-             "shape_acc": lambda npz: shape_accuracy(npz, None, shape)}
+    extra = accuracy_metrics(extractors["featurenet"], demo.eval / "shape.pt")  # class and shape accuracy columns
     summary = run_sweep(sweep, ref_dir=demo.reference_dir("featurenet"), out=out_dir,
                         num=int(demo.config["sample"]["num_samples"]), extractor=extractors["featurenet"],
                         pipeline=load_pipeline(ckpt), seed=int(demo.config["seed"]),

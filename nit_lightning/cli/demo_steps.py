@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ def fill(value: Any, **names: Any) -> Any:
                 return replacement
             value = value.replace(f"${{{name}}}", str(replacement))
     return value
+
+
+def accuracy_metrics(featurenet: Any, shape: Path) -> dict[str, Callable[[Path], float]]:
+    """The demo's two accuracies of an ADM npz (labels i mod K): class (the feature net, or an extractor holding it)
+    and shape (the grayscale shape classifier at `shape`). The demo's metrics and its sweeps' extra columns."""
+    from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
+    from nit_lightning.evaluation.featurenet import load_featurenet
+
+    classifier = load_featurenet(shape)
+    return {"class_acc": lambda npz: accuracy(npz, None, featurenet),
+            "shape_acc": lambda npz: shape_accuracy(npz, None, classifier)}
 
 
 class Demo:
@@ -212,13 +224,12 @@ class Demo:
     def evaluate(self, name: str, samples: dict[str, Path], extractors: dict[str, Any], refs: dict[str, Path],
                  shape: Path) -> dict[str, Any]:
         """FID / sFID / IS / P / R per size and extractor, class accuracy (feature net), shape accuracy -> metrics.json."""
-        from nit_lightning.evaluation.classifiers import accuracy, shape_accuracy
         from nit_lightning.evaluation.evaluate import evaluate_samples
-        from nit_lightning.evaluation.featurenet import load_featurenet
 
         path = self.out / "runs" / name / "metrics.json"
         record = json.loads(path.read_text()) if path.is_file() else {}
-        classifier = load_featurenet(shape)
+        # the demo nets classify exactly the demo's classes: accuracies come with the feature net's rows only
+        accuracies = accuracy_metrics(extractors["featurenet"], shape) if "featurenet" in extractors else {}
         with self.timer.step(f"6-evaluate-{name}", "metrics per size") as info:
             made = 0
             for features, extractor in extractors.items():
@@ -230,9 +241,8 @@ class Demo:
                         continue
                     result = evaluate_samples(npz, ref, extractor, batch_size=128)
                     row = {k: result[k] for k in ("fid", "sfid", "is", "precision", "recall", "num_samples") if k in result}
-                    if features == "featurenet":  # the demo nets classify exactly the demo's classes
-                        row["class_acc"] = accuracy(npz, None, extractor.net)
-                        row["shape_acc"] = shape_accuracy(npz, None, classifier)
+                    if features == "featurenet":
+                        row.update({key: fn(npz) for key, fn in accuracies.items()})
                     row.update(features=result["features"], key=key)
                     table[size] = row
                     made += 1
