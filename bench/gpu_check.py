@@ -159,7 +159,7 @@ def time_packed_vs_padded(device: torch.device, heads: int = 16, head_dim: int =
 
 
 def time_training(preset: str, tokens: int, device: torch.device, compile_mode: str, peak_tflops: float | None,
-                  steps: int = 6, warmup: int = 3, backend: str = "inductor") -> dict:
+                  steps: int = 6, warmup: int = 3, backend: str = "inductor", profile: bool = True) -> dict:
     """tokens/s, images/s, MFU and peak memory of bf16-mixed training steps on one packed batch, for one compile mode.
 
     The step is NiTModule's: flow-matching loss under bf16 autocast, backward, grad clip 1.0, fused AdamW (CUDA); the
@@ -209,10 +209,61 @@ def time_training(preset: str, tokens: int, device: torch.device, compile_mode: 
     sync()
     seconds = (time.perf_counter() - start) / steps
     flops = training_flops_per_token(net.config, [h * w for h, w in grids]) * n
-    return {"preset": preset, "tokens": n, "images": len(grids), "compile": compile_mode,
-            "first_step_s": first, "step_s": seconds, "tokens_per_s": n / seconds, "images_per_s": len(grids) / seconds,
-            "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+    row = {"preset": preset, "tokens": n, "images": len(grids), "compile": compile_mode,
+           "first_step_s": first, "step_s": seconds, "tokens_per_s": n / seconds, "images_per_s": len(grids) / seconds,
+           "mfu": flops / seconds / (peak_tflops * 1e12) if peak_tflops else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+    if profile:  # after the timed steps, so the profiler's overhead is not in the figures above
+        try:
+            row["profile"] = profile_step(step, sync, cuda)
+        except Exception as error:  # a profiler failure must not cost the timing row
+            row["profile_error"] = repr(error)[:200]
+    return row
+
+
+KERNEL_KINDS = (  # (kind, substrings of a kernel or op name), first match wins; lower-case
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "mm", "linear")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm", ("norm",)),
+    ("fused (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lowered for key in keys)), "other elementwise")
+
+
+def profile_step(step, sync, cuda: bool, top: int = 8) -> dict:
+    """One more step under torch.profiler: device time by kernel kind (matmul, attention, ...), the top kernels, and
+    how much of the step's wall time the device was busy (below ~90% the host launches, not the GPU, set the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        sync()
+        wall_us = (time.perf_counter() - start) * 1e6
+    device_type = "cuda" if cuda else "cpu"
+    kernels = [e for e in prof.key_averages() if str(e.device_type).lower().endswith(device_type)]
+    if not cuda:  # on CPU only leaf ops are comparable to kernels; cpu-side totals double count their children
+        kernels = [e for e in kernels if e.self_cpu_time_total > 0]
+
+    def self_us(event) -> float:
+        return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+
+    total = sum(self_us(e) for e in kernels) or 1.0
+    kinds: dict[str, float] = {}
+    for event in kernels:
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + self_us(event)
+    ranked = sorted(kernels, key=self_us, reverse=True)[:top]
+    return {"busy_fraction": min(total / wall_us, 1.0) if cuda else None, "device_ms": total / 1e3,
+            "wall_ms": wall_us / 1e3,
+            "by_kind": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": e.key[:90], "ms": round(self_us(e) / 1e3, 3), "share": round(self_us(e) / total, 3),
+                     "calls": e.count} for e in ranked]}
 
 
 def run_training_child(config: dict, timeout_s: float, jsonl: str | Path | None) -> dict:
@@ -297,6 +348,11 @@ def print_table(results: dict) -> None:
         table.add_row("train step", f"{row['preset']} {row['tokens']} tok compile={row['compile']}",
                       f"{row['step_s']:.3f} s, {row['tokens_per_s']:,.0f} tok/s, {row['images_per_s']:.0f} img/s, {mfu}"
                       f"{mem} (first step {row['first_step_s']:.0f} s)")
+        if row.get("profile"):
+            prof = row["profile"]
+            busy = f"GPU busy {prof['busy_fraction']:.0%} of the step; " if prof.get("busy_fraction") is not None else ""
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in list(prof["by_kind"].items())[:4])
+            table.add_row("  profile", f"{row['preset']} compile={row['compile']}", busy + kinds)
     for row in results["sampling"]:
         if "error" in row:
             table.add_row("sampling", row.get("sizes", "?"), row["error"])

@@ -243,3 +243,33 @@ def test_local_repa_encoder_aligns_one_patch_per_token(tmp_path):
     assert z.shape == (10, 8) and torch.isfinite(z).all()
     with pytest.raises(FileNotFoundError, match="REPA encoder"):
         load_repa_encoder(str(tmp_path / "missing.pt"), codec=PixelCodec(2).describe(), patch_size=1)
+
+
+def test_bf16_clipping_works_with_the_fused_optimizer_and_equals_clip_grad_norm():
+    """Lightning's AMP plugin refuses to clip for a fused AdamW (found on the H200: `fit` failed at step 1); bf16 has no
+    scaler, so the module clips itself, exactly as torch.nn.utils.clip_grad_norm_ does. fp16 keeps Lightning's path."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = tiny()
+    params = [p for p in module.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * 10
+    expected = [p.grad.clone() for p in params]
+    reference = [g.clone() for g in expected]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in reference]))
+    reference = [g * (1.0 / (norm + 1e-6)) for g in reference]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-6, atol=1e-7)
+    assert module._gradient_scaler() is None
+
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module._trainer = SimpleNamespace(precision_plugin=fp16, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert module._gradient_scaler() is fp16.scaler
+    with pytest.raises(RuntimeError, match="fused"):  # with a scaler, Lightning's own check stands
+        module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")

@@ -180,7 +180,28 @@ class NiTModule(LightningModule):
         """AdamW with the recipe's settings (SPEC §6: lr never scaled by the GPU count), warm-up and schedule."""
         max_steps = int(getattr(self._trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
         return adamw_with_schedule([p for p in self.parameters() if p.requires_grad], self.hparams, max_steps,
-                                   fused=self.device.type == "cuda")
+                                   fused=self.device.type == "cuda" and self._gradient_scaler() is None)
+
+    def _gradient_scaler(self) -> Any:
+        """The fp16 GradScaler of the precision plugin, or None (bf16, fp32, no trainer)."""
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip as Lightning's precision plugin would, also for the fused AdamW on CUDA.
+
+        Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes the optimizer unscales fp16
+        gradients itself). bf16-mixed has no gradient scaler, so the gradients are already unscaled and clipping them
+        here is exact; with a scaler (fp16) Lightning's own path runs (and configure_optimizers does not fuse).
+        """
+        if self._gradient_scaler() is not None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
