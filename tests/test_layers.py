@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nit_lightning"
-LAYERS = {"models": 0, "distributed": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
+LAYERS = {"records": 0, "models": 0, "distributed": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
           "cli": 5, "__main__": 6, "__init__": 0}
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers.fit import fit_args
 from helpers.shards import write_latent_shards
 from nit_lightning.cli.lightning import EXIT_USER_ERROR, main
+from nit_lightning.records import CheckpointMeta
 
 CKPT = Path("outputs/debug/checkpoints/last.ckpt")  # debug.yaml's ModelCheckpoint, relative to the run's directory
 
@@ -49,9 +50,9 @@ def _error(capsys) -> str:
 
 def test_checkpoints_record_the_data_they_were_trained_on(finished):
     run, shards, _ = finished
-    inputs = torch.load(run / CKPT, map_location="cpu", weights_only=True)["nit_inputs"]
-    assert inputs["data"]["sources"] == [{"path": os.path.realpath(shards), "weight": 1.0}]
-    assert inputs["data"]["tokens_per_pack"] == 64 and "num_workers" not in inputs["data"]
+    data = CheckpointMeta.from_checkpoint(torch.load(run / CKPT, map_location="cpu", weights_only=True)).data
+    assert data["sources"] == [{"path": os.path.realpath(shards), "weight": 1.0}]
+    assert data["tokens_per_pack"] == 64 and "num_workers" not in data
 
 
 def test_rerunning_a_finished_run_on_new_data_warns_loudly(finished, tmp_path, monkeypatch, caplog):

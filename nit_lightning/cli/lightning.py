@@ -51,14 +51,13 @@ class NiTCLI(LightningCLI):
         from nit_lightning.training.fault_tolerance import ensure_requeue_on_signal
 
         # A resume continues the run that wrote the checkpoint: refuse another net or model settings (before the
-        # checkpoint directory is touched), warn on other data or a finished run; then record this run's data in
-        # every checkpoint it writes (training/provenance.py).
-        from nit_lightning.training.provenance import RecordRunInputs, check_resume
+        # checkpoint directory is touched), warn on other data or a finished run (training/provenance.py). Every
+        # checkpoint records the data it was trained on (the datamodule's provenance, in nit_meta).
+        from nit_lightning.training.provenance import check_resume
 
-        data = self._subconfig().get("data")
         ensure_requeue_on_signal(self.trainer)
-        auto_resume_for_cli(self, check=lambda path: check_resume(path, self.model, data, self.trainer.max_steps))
-        self.trainer.callbacks.append(RecordRunInputs(data))
+        auto_resume_for_cli(self, check=lambda path: check_resume(path, self.model, self.datamodule.provenance(),
+                                                                  self.trainer.max_steps))
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the config's model by the --ckpt_path's hyper-parameters, silently dropping `--model.*`.

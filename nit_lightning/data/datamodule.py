@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
@@ -9,6 +10,7 @@ import lightning as L
 from nit_lightning import distributed
 from nit_lightning.data.epochs import EpochPlan, RankPlan, Source, build_plan, load_sources
 from nit_lightning.data.loader import ON_ERROR, LoaderStats, PackDataset, PackLoader
+from nit_lightning.records import plain
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,18 @@ class NativeLatentDataModule(L.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         ranks = distributed.current()
         return ranks.rank, ranks.world
+
+    def provenance(self) -> dict[str, Any]:
+        """The settings that decide what is trained on, source paths absolute: recorded in every checkpoint, compared
+        by a resume. Workers, the error policy and the evaluation splits decide nothing about the training data."""
+        return {
+            "sources": [{**plain(spec), "path": os.path.realpath(os.path.expanduser(str(spec["path"]))),
+                         "weight": float(spec.get("weight", 1.0))} for spec in self.source_specs],
+            "tokens_per_pack": self.tokens_per_pack, "max_images_per_pack": self.max_images_per_pack,
+            "buffer_size": self.buffer_size, "seed": self.seed, "flip_prob": self.flip_prob,
+            "patch_size": self.patch_size, "packs_per_epoch": self.packs_per_epoch,
+            "max_skipped_fraction": self.max_skipped_fraction,
+        }
 
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:

@@ -20,9 +20,9 @@ from nit_lightning.generation.settings import PRECISIONS
 from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
+from nit_lightning.records.checkpoint import CheckpointMeta, ema_weights
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -31,7 +31,13 @@ class Pipeline:
 
     net: NiT
     codec: Codec
-    meta: dict[str, Any] = field(default_factory=dict)  # net_config, codec, patch_size, latent_channels, source, weights
+    meta: dict[str, Any] = field(default_factory=dict)  # how it was loaded: source, weights, weights_sha256, codec
+    record: CheckpointMeta | None = None  # what the checkpoint says about itself; a net built in memory: derived
+
+    def __post_init__(self) -> None:
+        if self.record is None:
+            self.record = CheckpointMeta(net_config=dataclasses.asdict(self.net.config), codec=self.codec.describe(),
+                                         patch_size=int(self.net.config.patch_size))
 
     @property
     def size_multiple(self) -> int:
@@ -122,7 +128,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str
     return kept, others
 
 
-def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple[NiT, dict[str, Any]]:
+def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple[NiT, CheckpointMeta, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses pickled objects: say so instead of unpickling arbitrary code
@@ -130,16 +136,11 @@ def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple
             f"could not read {path} with torch.load(weights_only=True): {type(error).__name__}: {error}. "
             "Checkpoints must hold only tensors and plain Python values"
         ) from error
-    if not isinstance(ckpt, dict) or "nit_meta" not in ckpt:
-        raise ValueError(f"{path} has no 'nit_meta': it is not a checkpoint written by NiTModule (docs/architecture.md)")
-    meta = dict(ckpt["nit_meta"])
-    config = dict(meta["net_config"])
-    if rope_layout is not None and rope_layout != config.get("rope_layout"):
-        log.warning("rope_layout %r overrides the checkpoint's %r", rope_layout, config.get("rope_layout"))
-        config["rope_layout"] = rope_layout
-    net = NiT(NiTConfig(**config))
-    if use_ema and ckpt.get("ema_state_dict") is not None:
-        state, weights, ignored = ckpt["ema_state_dict"], "ema (checkpoint['ema_state_dict'])", []
+    record = CheckpointMeta.from_checkpoint(ckpt if isinstance(ckpt, dict) else {}, path)
+    net = NiT(net_config_of(record, rope_layout, path))
+    ema = ema_weights(ckpt)
+    if use_ema and ema is not None:
+        state, weights, ignored = ema, "ema (checkpoint['ema_state_dict'])", []
     else:
         if "state_dict" not in ckpt:
             raise ValueError(f"{path} has neither 'ema_state_dict' (or use_ema=False) nor 'state_dict'")
@@ -149,13 +150,26 @@ def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple
         if use_ema:
             log.warning("%s has no EMA weights: sampling with the live weights", path)
     net.load_state_dict(state, strict=True)
-    meta.update(source=str(path), weights=weights, step=ckpt.get("global_step"), ignored_keys=len(ignored))
-    log.info("loaded %s: %s weights, step %s%s", path, weights, ckpt.get("global_step"),
+    loaded = {"source": str(path), "weights": weights, "step": record.step, "ignored_keys": len(ignored)}
+    log.info("loaded %s: %s weights, step %s%s", path, weights, record.step,
              f", ignored {len(ignored)} non-net keys (loss/projector state)" if ignored else "")
-    return net, meta
+    return net, record, loaded
 
 
-def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, dict[str, Any]]:
+def net_config_of(record: CheckpointMeta, rope_layout: str | None, path: Path) -> NiTConfig:
+    """The recorded network config (with a rope_layout override, said aloud); an unknown key is one clear error."""
+    config = dict(record.net_config)
+    if rope_layout is not None and rope_layout != config.get("rope_layout"):
+        log.warning("rope_layout %r overrides the checkpoint's %r", rope_layout, config.get("rope_layout"))
+        config["rope_layout"] = rope_layout
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(NiTConfig)})
+    if unknown:
+        raise ValueError(f"{path}: the recorded network config has keys this code does not know: {unknown}; it was "
+                         "written by another nit-lightning version")
+    return NiTConfig(**config)
+
+
+def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, CheckpointMeta, dict[str, Any]]:
     layout = rope_layout or "reference"
     if layout != "reference":
         log.warning("official checkpoints were trained with rope_layout 'reference'; using %r as asked", layout)
@@ -163,13 +177,9 @@ def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, dict[str, 
     # size loads, and REPA projector weights load into the net instead of being skipped.
     net = NiT(config_from_official(path, rope_layout=layout))
     report = load_official_checkpoint(net, path)
-    meta = {
-        "net_config": dataclasses.asdict(net.config), "codec": None, "patch_size": net.config.patch_size,
-        "latent_channels": net.config.in_channels, "source": str(path), "weights": "official safetensors (EMA)",
-        "report": report.summary(),
-    }
     log.info("loaded official %s", report.summary())
-    return net, meta
+    loaded = {"source": str(path), "weights": "official safetensors (EMA)", "report": report.summary()}
+    return net, CheckpointMeta.for_official(dataclasses.asdict(net.config)), loaded
 
 
 def load_pipeline(
@@ -190,11 +200,11 @@ def load_pipeline(
                 f"{path} is an official checkpoint, which records no codec: pass the DC-AE it was trained with, "
                 "--codec dcae:/path/to/dc-ae-f32c32-sana-1.1-diffusers (local weights)"
             )
-        net, meta = _load_official(path, rope_layout)
+        net, record, loaded = _load_official(path, rope_layout)
     else:
-        net, meta = _load_lightning(path, use_ema, rope_layout)
+        net, record, loaded = _load_lightning(path, use_ema, rope_layout)
     the_codec, codec_from = resolve_codec(
-        codec, meta.get("codec"), device=str(device), fallback_name="checkpoint nit_meta",
+        codec, record.codec, device=str(device), fallback_name="checkpoint nit_meta",
         missing="the checkpoint records no codec (nit_meta['codec'] is None); pass one, e.g. --codec dcae:/path/to/dc-ae "
         "or --codec pixel:8",
     )
@@ -203,7 +213,6 @@ def load_pipeline(
             f"codec {the_codec.describe()} makes {the_codec.latent_channels}-channel latents but the net expects "
             f"in_channels={net.config.in_channels}; pass the codec the model was trained with"
         )
-    meta["codec"], meta["codec_from"] = the_codec.describe(), codec_from
     net = net.to(device).eval().requires_grad_(False)
-    meta["weights_sha256"] = weights_digest(net)
-    return Pipeline(net=net, codec=the_codec, meta=meta)
+    loaded.update(codec=the_codec.describe(), codec_from=codec_from, weights_sha256=weights_digest(net))
+    return Pipeline(net=net, codec=the_codec, record=record, meta=loaded)

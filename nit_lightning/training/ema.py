@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from nit_lightning.records.checkpoint import ema_weights, store_ema_weights
+
 log = logging.getLogger(__name__)
 
 
@@ -152,7 +154,7 @@ class EMA(Callback):
         path = getattr(trainer, "ckpt_path", None)
         if path:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            self.shadow = checkpoint.get("ema_state_dict")
+            self.shadow = ema_weights(checkpoint)
             if self.shadow is not None:
                 log.info("validating with the EMA weights of %s", path)
                 return
@@ -189,7 +191,7 @@ class EMA(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The same tensors as the callback state: torch.save stores each storage once, so this costs no space.
         if self.shadow is not None:
-            checkpoint["ema_state_dict"] = self.shadow
+            store_ema_weights(checkpoint, self.shadow)
 
     def export_safetensors(self, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write the EMA weights (net state-dict names) as a safetensors file."""

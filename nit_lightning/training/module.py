@@ -10,6 +10,9 @@ import torch
 from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
+from nit_lightning.data.datamodule import NativeLatentDataModule
+from nit_lightning.records import CheckpointMeta
+from nit_lightning.training.checkpoints import checkpoint_dir_of
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
 from nit_lightning.training.optim import adamw_with_schedule
 
@@ -286,23 +289,26 @@ class NiTModule(LightningModule):
                 "loss": out.per_image.cpu()}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def nit_meta(self) -> dict[str, Any]:
-        """What `generation.pipeline.load_pipeline` needs to rebuild the net and decode its output."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        codec = getattr(dm, "codec_description", None)
-        return {
-            "net_config": asdict(self.net.config),
-            "codec": dict(codec) if codec is not None else None,
-            "patch_size": int(self.net.config.patch_size),
-            "latent_channels": int(self.net.config.in_channels),
-        }
+    def checkpoint_meta(self) -> CheckpointMeta:
+        """What `generation.pipeline.load_pipeline` and a resume need: the net, its codec, the data it trained on."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        described = isinstance(dm, NativeLatentDataModule)
+        return CheckpointMeta(
+            net_config=asdict(self.net.config),
+            codec=dict(dm.codec_description) if described and dm.codec_description is not None else None,
+            patch_size=int(self.net.config.patch_size),
+            latent_channels=int(self.net.config.in_channels),
+            data=dm.provenance() if described else None,
+            step=int(self._trainer.global_step) if self._trainer is not None else None,
+            skipped_steps=int(self.skipped_steps),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nit_meta"] = self.nit_meta()
-        checkpoint["nit_skipped_steps"] = self.skipped_steps
+        where = checkpoint_dir_of(self._trainer) if self._trainer is not None else None
+        self.checkpoint_meta().store(checkpoint, where)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("nit_skipped_steps", 0))
+        self.skipped_steps = CheckpointMeta.from_checkpoint(checkpoint).skipped_steps
 
 
 def _checkpointed(forward: Any) -> Any:

@@ -5,63 +5,39 @@ A resumed `fit` continues the run that wrote the checkpoint. So, before training
   hyper-parameter must match the config, else `fit` refuses naming the keys: Lightning would otherwise silently train
   the checkpoint's model (its hparams override `--model.*` for an explicit --ckpt_path) or keep its optimiser's lr;
 - run settings (compile, activation checkpointing, on_nonfinite, local paths) may change: the config's value is used;
-- other data than the checkpoint was trained on (`nit_inputs["data"]`, written by `RecordRunInputs`) is a loud warning,
+- other data than the checkpoint was trained on (`nit_meta["data"]`, the datamodule's `provenance()`) is a loud warning,
   and so is a checkpoint already at `trainer.max_steps` (the run is finished: fit trains 0 steps).
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from nit_lightning import records
+from nit_lightning.records.checkpoint import META_KEY, data_of
 
 log = logging.getLogger(__name__)
 
-INPUTS_KEY = "nit_inputs"  # checkpoint["nit_inputs"] = {"data": the datamodule's init args, paths resolved}
 # NiTModule init args that change how a run executes, not what it learns: the config's value wins on resume.
 RUN_SETTINGS = frozenset({"compile_blocks", "activation_checkpointing", "on_nonfinite", "init_from", "repa_encoder"})
 # Compared through nit_meta's resolved net_config (net) or filled in from the data (latent_channels); Lightning's own.
 NOT_HPARAMS = frozenset({"net", "latent_channels", "_instantiator", "_class_path"})
 NET_RUNTIME = frozenset({"attn_backend"})  # the same maths by another kernel
-# Data init args that do not change what is trained on: workers, error policy, evaluation splits.
-DATA_IGNORED = frozenset({"num_workers", "on_error", "val_sources", "test_sources"})
-
-
-def plain(value: Any) -> Any:
-    """Namespaces/mappings -> dicts, tuples -> lists, recursively: a config and a checkpoint's hparams compare equal."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def data_inputs(data: Any) -> dict[str, Any]:
-    """The datamodule's init args that decide what is trained on; source paths made absolute, weights explicit."""
-    data = {k: v for k, v in (plain(data) or {}).items() if k not in DATA_IGNORED}
-    if isinstance(data.get("sources"), list):
-        data["sources"] = [
-            {**s, "path": os.path.realpath(os.path.expanduser(str(s["path"]))), "weight": float(s.get("weight", 1.0))}
-            if isinstance(s, dict) and "path" in s else s
-            for s in data["sources"]
-        ]
-    return data
+SIDES = ("checkpoint", "config")
 
 
 def differences(saved: Any, now: Any, skip: frozenset[str] = frozenset()) -> dict:
     """{key: (saved, now)} for the keys present in both that differ (keys only one side knows are versions apart)."""
-    saved, now = plain(saved), plain(now)
-    return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now) - skip) if saved[k] != now[k]}
+    return records.differences(saved, now, only_shared=True, ignore=skip)
 
 
 def describe(diffs: Mapping[str, tuple[Any, Any]], prefix: str) -> str:
-    return "; ".join(f"{prefix}{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in diffs.items())
+    return records.describe_differences(diffs, prefix=prefix, sides=SIDES)
 
 
 def saved_hparams(path: str | Path) -> dict[str, Any]:
@@ -76,25 +52,16 @@ def saved_hparams(path: str | Path) -> dict[str, Any]:
     return dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
 
 
-class RecordRunInputs(Callback):
-    """Writes `checkpoint["nit_inputs"] = {"data": ...}`: what the next resume compares its config with."""
-
-    def __init__(self, data: Any) -> None:
-        self.data = data_inputs(data)
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[INPUTS_KEY] = {"data": self.data}
-
-
-def check_resume(ckpt_path: str | Path, model: LightningModule, data: Any, max_steps: int = -1) -> None:
-    """Refuse (ValueError naming the keys) a checkpoint of another network or model settings; warn on other data or a
-    finished run. `model` is the NiTModule built from the config; `data` the datamodule's init args."""
+def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[str, Any] | None,
+                 max_steps: int = -1) -> None:
+    """Refuse (SettingsMismatch naming the keys) a checkpoint of another network or model settings; warn on other data
+    or a finished run. `model` is the NiTModule built from the config; `data` the datamodule's `provenance()`."""
     from nit_lightning.training.checkpoints import read_checkpoint_header
 
     header = read_checkpoint_header(ckpt_path)
     step = int(header["global_step"])
     saved_hparams = dict(header.get("hyper_parameters") or {})
-    meta = header.get("nit_meta") or {}
+    meta = header.get(META_KEY) or {}
     net_now = getattr(getattr(model, "net", None), "config", None)
     if meta.get("net_config") and net_now is not None:
         net = differences(meta["net_config"], asdict(net_now), skip=NET_RUNTIME)
@@ -103,7 +70,7 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Any, max_s
     hparams = differences(saved_hparams, dict(model.hparams), skip=NOT_HPARAMS | RUN_SETTINGS)
     if net or hparams:
         what = "; ".join(filter(None, [describe(net, "model.net."), describe(hparams, "model.")]))
-        raise ValueError(
+        raise records.SettingsMismatch(
             f"checkpoint {ckpt_path} (step {step}) was trained with other settings than this config: {what}. A resume "
             "continues that run as it was: drop or fix those overrides, or start a new run in another checkpoint "
             "directory (NIT_CKPT_DIR or the ModelCheckpoint dirpath)"
@@ -114,8 +81,8 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Any, max_s
                     describe(changed_run, "model."))
     if rank_zero_only.rank != 0:
         return
-    saved_data = (header.get(INPUTS_KEY) or {}).get("data")
-    changed = differences(saved_data, data_inputs(data)) if saved_data is not None else {}
+    saved_data = data_of(header)
+    changed = differences(saved_data, data) if saved_data is not None and data is not None else {}
     if changed:
         log.warning(
             "CHANGED INPUTS: resuming %s (step %d), trained on other data than this config's: %s. The run goes on from "

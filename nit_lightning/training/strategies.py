@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from nit_lightning.records.checkpoint import store_ema_weights
 from nit_lightning.training.ema import EMA, unwrap_net
 
 log = logging.getLogger(__name__)
@@ -190,5 +191,5 @@ class ShardedEMA(EMA):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.shadow is None:
             return
-        checkpoint["ema_state_dict"] = self._gathered if self._gathered is not None else gather_full(self.shadow)
+        store_ema_weights(checkpoint, self._gathered if self._gathered is not None else gather_full(self.shadow))
         self._gathered = None

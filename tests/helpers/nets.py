@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.models import NiT, build_nit
+from nit_lightning.records.checkpoint import CheckpointMeta, store_ema_weights
 
 
 def random_debug_net(num_classes: int = 3, in_channels: int = 12, seed: int = 0) -> NiT:
@@ -25,14 +26,13 @@ def write_lightning_checkpoint(path: Path, net: NiT, *, ema: bool = True, live_o
     """What `load_pipeline` reads: nit_meta, `net.`-prefixed live weights (+ offset, + one non-net key), EMA weights."""
     state = {k: v.clone() for k, v in net.state_dict().items()}
     checkpoint = {
-        "nit_meta": {"net_config": dataclasses.asdict(net.config), "codec": PixelCodec(2).describe(), "patch_size": 1,
-                     "latent_channels": net.config.in_channels},
         "state_dict": {f"net.{k}": v + live_offset for k, v in state.items()},
         "global_step": 7,
     }
     checkpoint["state_dict"]["loss_fn.some_buffer"] = torch.zeros(1)  # non-net keys are ignored and counted
     if ema:
-        checkpoint["ema_state_dict"] = state
+        store_ema_weights(checkpoint, state)
+    CheckpointMeta(net_config=dataclasses.asdict(net.config), codec=PixelCodec(2).describe(), step=7).store(checkpoint)
     torch.save(checkpoint, path)
     return path
 

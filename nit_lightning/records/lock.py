@@ -1,0 +1,129 @@
+"""One run at a time per output folder: a lock file that names its holder, recognised as stale once the holder is gone.
+
+`with folder_lock(out, "prepare"):` creates `out/.nit-lock` with O_EXCL (atomic on local and NFSv3+ filesystems) holding
+{pid, host, started, command, process start time}. A second run into the same folder stops at once with one message
+naming the holder and what to do. A lock whose process is dead (same host: no such pid, or the pid now belongs to a
+process started later) is stale: it is moved aside atomically, so of two runs that find it stale only one takes over.
+A lock held from another host cannot be checked from here; the message says how to remove it by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".nit-lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another live run holds the folder."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot; Linux), to tell a live holder from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after the command name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def holder_record(what: str) -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "what": what, "command": " ".join(sys.argv)[:300], "process_start": _process_start(pid)}
+
+
+def holder_is_alive(holder: dict[str, Any]) -> bool | None:
+    """True/False for a holder on this host; None when it is on another host (cannot be checked from here)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = int(holder.get("pid", -1))
+    if pid <= 0 or not _alive(pid):
+        return False
+    recorded, now = holder.get("process_start"), _process_start(pid)
+    return recorded is None or now is None or recorded == now
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return (f"{holder.get('what', 'a run')} (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}: {holder.get('command', '?')})")
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # a lock being written this instant, or damaged: treat as held by an unknown run
+        return {"pid": -1, "host": "?", "started": "?", "what": "an unknown run (unreadable lock file)"}
+
+
+def acquire(folder: str | Path, what: str) -> Path:
+    """Take `folder`'s lock for this process (creating the folder); FolderBusy when a live run holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    record = json.dumps(holder_record(what), indent=1).encode()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder is None:
+                continue  # released between our two calls: try again
+            alive = holder_is_alive(holder)
+            if alive is False:
+                aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+                with contextlib.suppress(FileNotFoundError):  # another run moved it first: it goes on to race us
+                    os.replace(path, aside)
+                    aside.unlink()
+                    log.warning("%s: removed the stale lock of %s, whose process is gone", folder, _describe(holder))
+                continue
+            where = ("" if alive else f" on another host; if that run is gone, delete {path}")
+            raise FolderBusy(f"{folder} is in use by {_describe(holder)}{where}: two runs writing one folder would "
+                             "mix their files; wait for it to finish, stop it, or use another output folder")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(record)
+        return path
+    raise FolderBusy(f"{folder}: could not take its lock {path} (other runs keep taking it); retry, or use another "
+                     "output folder")
+
+
+def release(folder: str | Path) -> None:
+    """Drop this process's lock (a lock of another process is left alone)."""
+    path = Path(folder) / LOCK_NAME
+    holder = _read_holder(path)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, *, enabled: bool = True) -> Iterator[None]:
+    """Hold `folder`'s lock for the block (`enabled=False`: ranks other than the one that holds it for the run)."""
+    if not enabled:
+        yield
+        return
+    acquire(folder, what)
+    try:
+        yield
+    finally:
+        release(folder)
