@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,18 @@ from nit_lightning.data.imageops import BadImage, apply_mode, image_to_tensor, l
 from nit_lightning.data.lengths import imagenet_like_sizes
 from nit_lightning.data.listing import list_labelled_images
 from nit_lightning.data.prepare import (
+    CLASSES_NAME,
+    PLAN_NAME,
     PrepareSettings,
-    _fingerprint,
-    _plan,
+    fingerprint_of,
+    plan_record,
     reindex,
     run_prepare,
     shard_name,
+    shard_plan,
 )
-from nit_lightning.data.shards import ShardWriter, sample_members, write_json_atomic
+from nit_lightning.data.shards import ShardWriter, sample_members
+from nit_lightning.records import write_json
 from nit_lightning.data.synthetic import render
 
 CODEC = "pixel:32"
@@ -142,14 +145,12 @@ def run_today(settings: PrepareSettings, processes: int) -> dict[str, Any]:
     """Today's run: plan, then the shards in this process (processes ≤ 1) or a spawn pool; then the index."""
     codec = CountingCodec(codec_from_spec(settings.codec))
     listing = list_labelled_images(settings.input)
-    fingerprint = _fingerprint(settings, codec, listing)
-    plan = _plan(listing, settings.samples_per_shard)
+    fingerprint = fingerprint_of(settings, codec, listing)
+    plan = shard_plan(listing, settings.samples_per_shard)
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "classes.json", listing.classes)
-    write_json_atomic(out / "prepare.json", {"settings": asdict(settings), "fingerprint": fingerprint,
-                                             "num_shards": len(plan), "num_classes": len(listing.classes),
-                                             "listing_skipped": listing.skipped, "ignored_files": listing.ignored})
+    write_json(out / CLASSES_NAME, listing.classes, sort_keys=True)
+    plan_record(settings, fingerprint, listing, len(plan)).write(out / PLAN_NAME)
     calls = 0
     if processes <= 1:
         for s, items in enumerate(plan):
@@ -165,9 +166,9 @@ def run_today(settings: PrepareSettings, processes: int) -> dict[str, Any]:
     return {"codec_calls": calls, "images": index["num_samples"]}
 
 
-def shard_digests(out: Path) -> dict[str, str]:
+def shard_digests(out: Path, prefix: str) -> dict[str, str]:
     """SHA-256 of every shard and sidecar (prepare.json/index.json name the run's own settings: left out)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob(f"{prefix}-*"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     done = run_prepare(settings)
                     result = {"codec_calls": done["codec_calls"], "images": done["index"]["num_samples"]}
                 seconds = time.perf_counter() - start
-                digests = shard_digests(out)
+                digests = shard_digests(out, settings.prefix)
                 shutil.rmtree(out)  # shards of the pixel codec are large (fp16 of every pixel, twice with flip)
                 reference = reference or digests
                 row = dict(result, name=name, workers=workers, batch=batch, seconds=seconds,

@@ -183,7 +183,7 @@ def test_resume_redoes_only_the_missing_shard(folder, prepared):
 
 def test_other_settings_on_the_same_output_are_refused(folder, prepared):
     out, _ = prepared
-    with pytest.raises(ValueError, match=r"other settings or input files; differs in: dtype 'float16' -> 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"holds shards made with other settings \(dtype 'float16' -> 'bfloat16'\)"):
         run_prepare(_settings(folder, out, dtype="bfloat16"))
 
 
@@ -213,7 +213,7 @@ def test_another_input_folder_with_the_same_names_is_refused(folder, prepared, t
     out, _ = prepared
     other = _make_folder(tmp_path / "other", seed=1)
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    with pytest.raises(ValueError, match=r"differs in: files_sha1 \(another input folder, or input files rewritten"):
+    with pytest.raises(ValueError, match=r"other settings \(files_sha1 \(another input folder, or input files rewritten"):
         run_prepare(_settings(other, out))
     moved = tmp_path / "moved"
     shutil.copytree(folder, moved)  # copy2 keeps sizes and times: the same files elsewhere resume

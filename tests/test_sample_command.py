@@ -19,6 +19,7 @@ from nit_lightning.generation.pipeline import load_pipeline, to_uint8
 from nit_lightning.generation.sample_set import SampleRun, run_sample
 from nit_lightning.generation.settings import SamplerSettings, SweepSetting
 from nit_lightning.models import build_nit
+from nit_lightning.records import SettingsRecord
 
 NUM_CLASSES = 3
 
@@ -54,7 +55,7 @@ def test_end_to_end_counts_labels_npz(ckpt, tmp_path):
         for i in range(5):
             np.testing.assert_array_equal(data["arr_0"][i], np.asarray(Image.open(folder / f"{i:06d}.png")))
         assert data["arr_0"].std() > 0  # a random net makes non-constant images
-        record = json.loads((folder / "provenance.json").read_text())
+        record = SettingsRecord.read(folder / "provenance.json", "sample-set").settings
         assert record["sampler"]["cfg_scale"] == 2.0 and len(record["weights_sha256"]) == 64
 
 
@@ -176,8 +177,8 @@ def test_sweep_file_settings_per_size(ckpt, tmp_path):
     argv = ["--ckpt", str(ckpt), "--sweep", str(sweep), "--num-samples", "2", "--out", str(out), "--device", "cpu",
             "--no-progress"]
     assert main(argv) == 0
-    a = json.loads((out / "8x8" / "provenance.json").read_text())["sampler"]
-    b = json.loads((out / "4x12" / "provenance.json").read_text())["sampler"]
+    a = SettingsRecord.read(out / "8x8" / "provenance.json").settings["sampler"]
+    b = SettingsRecord.read(out / "4x12" / "provenance.json").settings["sampler"]
     assert (a["method"], a["steps"], a["cfg_scale"], a["cfg_interval"]) == ("heun", 2, 1.5, [0.0, 0.7])
     assert (b["method"], b["steps"], b["cfg_scale"]) == ("sde", 3, 1.0)  # the file's defaults fill what it leaves open
     assert main(argv + ["--steps", "5"]) == 2  # the sweep file sets the sampler: a solver flag beside it is refused

@@ -12,8 +12,11 @@ import os
 import sys
 from typing import Callable
 
+from nit_lightning.records import FolderBusy
+
 # Errors a user can fix from the message alone (a missing file, a bad value, a full disk): no traceback for these.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
+               FolderBusy)
 # Flags renamed when the commands got one style; the underscore forms of every flag are caught without a list.
 RENAMED = {"--num": "--num-samples", "--settings": "--sizes"}
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from nit_lightning.records import read_json, write_json, write_text
 from nit_lightning.data.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class StepTimer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
+        self.records: dict[str, dict[str, Any]] = read_json(path, "demo timings") if path.is_file() else {}
 
     @contextlib.contextmanager
     def step(self, name: str, title: str) -> Iterator[dict[str, Any]]:
@@ -65,10 +66,7 @@ class StepTimer:
             self.records[name] = {"title": title, "seconds": seconds, "load_start": load, "load_end": load_average(),
                                   **info}
             print(f"--- {name}: {info['status']} in {seconds} s", flush=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.records, indent=1))
-        tmp.replace(self.path)
+        write_json(self.path, self.records)
 
 
 def banner(demo: Demo) -> None:
@@ -227,9 +225,7 @@ def write(demo: Demo, metrics: dict[str, Any], real: dict[str, Any]) -> Path:
     total = round(sum(r.get("seconds", 0) for r in demo.timer.records.values()), 1)
     lines += [f"| **total** | {total} | | |", "", "## Settings", "", "```json",
               json.dumps(demo.config, indent=1), "```", ""]
-    path = demo.out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(demo.out / "report.md", "\n".join(lines))
 
 
 def print_summary(demo: Demo, metrics: dict[str, Any], path: Path) -> None:

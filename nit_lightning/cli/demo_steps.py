@@ -2,7 +2,6 @@
 and references, then per run fit, sample and evaluate. Values come from the config only (cli/demo.py loads it)."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 from nit_lightning.cli import demo_report as report
 from nit_lightning.cli.lightning import run_cli
 from nit_lightning.data.sizes import parse_size
+from nit_lightning.records import SettingsRecord, read_json, write_json, write_text
 
 INCEPTION_ENV = "NIT_INCEPTION_WEIGHTS"  # a local pt_inception-2015-12-05-6726825d.pth adds Inception metrics
 RUN_FLAGS = ("threads",)  # may change between a run and its resume: they decide speed, not results
@@ -43,6 +43,12 @@ def accuracy_metrics(featurenet: Any, shape: Path) -> dict[str, Callable[[Path],
             "shape_acc": lambda npz: shape_accuracy(npz, None, classifier)}
 
 
+def _recorded_config(done: Path) -> dict[str, Any]:
+    """The fit config of a finished run's train_done.json (a record, or the format before records: {"config": ...})."""
+    content = read_json(done, "demo run record")
+    return content["config"] if "config" in content else SettingsRecord.read(done, "demo-run").settings
+
+
 class Demo:
     """The demo's folders and steps; `config` is the loaded YAML with ${out} filled in."""
 
@@ -69,16 +75,9 @@ class Demo:
 
     def check_settings(self) -> None:
         """Refuse to resume into an OUT made with other settings (its outputs would mix); record them otherwise."""
-        path = self.out / "settings.json"
-        now = {k: v for k, v in self.config.items() if k not in RUN_FLAGS}
-        if path.is_file():
-            before = {k: v for k, v in json.loads(path.read_text()).items() if k not in RUN_FLAGS}
-            diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-            if diff:
-                raise ValueError(f"{self.out} holds a demo made with other settings (sections {diff} differ); use "
-                                 f"another --out or delete {self.out}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.config, indent=1))
+        record = SettingsRecord("demo", {k: v for k, v in self.config.items() if k not in RUN_FLAGS})
+        record.check(self.out / "settings.json", what="a demo", ignore=set(RUN_FLAGS),
+                     remedy=f"use another --out or delete {self.out}")
 
     # -- 1-2: data ---------------------------------------------------------------------------------------------------
     def make_images(self) -> None:
@@ -185,13 +184,14 @@ class Demo:
         steps = int(config["trainer"]["max_steps"])
         with self.timer.step(f"4-fit-{name}", f"fit {steps} steps on {' + '.join(d.name for d in shard_dirs)}") as info:
             done = run / "train_done.json"
+            record = SettingsRecord("demo-run", config)
             if done.is_file() and final.is_file():
-                if json.loads(done.read_text()).get("config") != config:
-                    raise ValueError(f"{run} was trained with another config; use another --out or delete {run}")
+                record.refuse_if_different(_recorded_config(done), where=run, what="a run",
+                                           remedy=f"use another --out or delete {run}")
                 info["status"] = "reused"
                 return final
             run.mkdir(parents=True, exist_ok=True)
-            (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_text(run / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             argv = ["fit", "--config", str(run / "config.yaml")]
             if last.is_file():  # an interrupted run continues where it stopped (weights, EMA, optimiser, data)
                 argv += ["--ckpt_path", str(last)]
@@ -202,7 +202,8 @@ class Demo:
             trainer.save_checkpoint(final)  # through the trainer: nit_meta and the EMA weights, like every checkpoint
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
             info.update(steps=trainer.global_step, final_loss=metrics.get("train/loss"))
-            done.write_text(json.dumps({"config": config, "steps": trainer.global_step, "metrics": metrics}, indent=1))
+            record.info = {"steps": trainer.global_step, "metrics": metrics}
+            record.write(done)
         return final
 
     def sample(self, name: str, ckpt: Path) -> dict[str, Path]:
@@ -227,7 +228,7 @@ class Demo:
         from nit_lightning.evaluation.evaluate import evaluate_samples
 
         path = self.out / "runs" / name / "metrics.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
+        record = read_json(path, "demo metrics") if path.is_file() else {}
         # the demo nets classify exactly the demo's classes: accuracies come with the feature net's rows only
         accuracies = accuracy_metrics(extractors["featurenet"], shape) if "featurenet" in extractors else {}
         with self.timer.step(f"6-evaluate-{name}", "metrics per size") as info:
@@ -246,6 +247,6 @@ class Demo:
                     row.update(features=result["features"], key=key)
                     table[size] = row
                     made += 1
-                    path.write_text(json.dumps(record, indent=1))
+                    write_json(path, record)
             info["status"] = "ran" if made else "reused"
         return record

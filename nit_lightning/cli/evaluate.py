@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
 from nit_lightning.evaluation.evaluate import evaluate_samples
 from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
+from nit_lightning.records import write_json
+from nit_lightning.records.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,8 @@ def print_table(result: dict[str, Any], title: str = "evaluation") -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out:
+        check_output_file(args.out)  # before the work: a bad --out must not lose the result
     extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
                                        batch_size=args.batch_size, dtype=getattr(torch, args.dtype))
     result = evaluate_samples(args.samples, args.ref, extractor, batch_size=args.batch_size,
@@ -61,8 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     print_table(result, title=f"{Path(args.samples).name} vs {Path(args.ref).name}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.out, result, indent=2)
     return 0
 
 

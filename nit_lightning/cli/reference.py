@@ -11,7 +11,14 @@ from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
 from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
-from nit_lightning.evaluation.reference import PROTOCOL, build_reference, load_reference, save_reference
+from nit_lightning.evaluation.reference import (
+    PROTOCOL,
+    build_reference,
+    check_reference_output,
+    load_reference,
+    reference_record,
+    save_reference,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +45,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
                                            batch_size=args.batch_size)
-        ref = build_reference(args.images, parse_size(args.size), extractor, subset=args.subset, seed=args.seed,
+        size = parse_size(args.size)
+        check_reference_output(args.out, reference_record(extractor.name, size, subset=args.subset, seed=args.seed,
+                                                          source=args.images))
+        ref = build_reference(args.images, size, extractor, subset=args.subset, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.workers)
         save_reference(args.out, ref)
         print(f"wrote {args.out}: {ref.meta['num_images']} images, arr_0 {tuple(ref.images.shape)}, "

@@ -23,8 +23,9 @@ from nit_lightning.data.shards import (
     sample_members,
     shard_is_complete,
     sidecar_path,
-    write_json_atomic,
 )
+from nit_lightning.records import SettingsRecord
+from nit_lightning.records.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "prepare.json"
@@ -38,7 +39,7 @@ class PrepareSettings:
     input: str
     output: str
     mode: str = "native"  # (bytes) native | fixed-256 | fixed-512
-    codec: str = "pixel:8"  # (bytes) pixel:F | dcae:PATH_OR_ID
+    codec: str = "pixel:8"  # (bytes) pixel:F | dcae:PATH_OR_ID | tinyae:PATH
     codec_dtype: str = "float32"  # (bytes) compute dtype of DC-AE
     labels: str | None = None  # flat folder + "filename<TAB or comma>class" file
     flip: bool = False  # (bytes) also store the latent of the mirrored image
@@ -55,7 +56,7 @@ def shard_name(prefix: str, shard_id: int) -> str:
     return f"{prefix}-{shard_id:06d}.tar"
 
 
-def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
+def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
     """What decides the bytes of every shard; a resumed run must match it exactly.
 
     `files_sha1` is the identity (path, size, mtime) of every input file: another folder with the same file names, or
@@ -69,26 +70,34 @@ def _fingerprint(settings: PrepareSettings, codec: Codec, listing: Listing) -> d
 
 
 # What a difference in a digest means, for the message that refuses a rerun.
-_DIGESTS = {
+DIGEST_LABELS = {
     "listing_sha1": "listing_sha1 (images added, removed or relabelled)",
     "files_sha1": "files_sha1 (another input folder, or input files rewritten since: their sizes or times differ)",
 }
+REMEDY = "use a new --output directory, or delete the old shards to re-encode"
 
 
-def describe_differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> str:
-    """'prefix 'shard' -> 'other', files_sha1 (…)': every key whose value differs, old -> new where that is short."""
-    recorded = recorded or {}
-    parts = []
-    for key in sorted(set(now) | set(recorded)):
-        old, new = recorded.get(key), now.get(key)
-        if old == new:
-            continue
-        parts.append(_DIGESTS.get(key) or (f"{key} {old!r} -> {new!r}" if key not in recorded or
-                                           len(repr(old)) + len(repr(new)) < 120 else key))
-    return ", ".join(parts)
+def plan_record(settings: PrepareSettings, fingerprint: dict[str, Any], listing: Listing, num_shards: int
+                ) -> SettingsRecord:
+    """prepare.json: the fingerprint is compared; the options, the plan's size and what was skipped are recorded."""
+    return SettingsRecord("prepare", settings=fingerprint, info={
+        "options": asdict(settings), "num_shards": num_shards, "num_classes": len(listing.classes),
+        "listing_skipped": listing.skipped, "ignored_files": listing.ignored})
 
 
-def _plan(listing: Listing, samples_per_shard: int) -> list[list[tuple[int, str, int]]]:
+def read_plan(out: Path) -> SettingsRecord:
+    """The folder's prepare.json (also the format before records: {"settings", "fingerprint", ...} at the top)."""
+    path = out / PLAN_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {out} was not written by `prepare`")
+    content = read_json(path, "prepare plan")
+    if isinstance(content, dict) and "fingerprint" in content:
+        info = {k: v for k, v in content.items() if k not in ("settings", "fingerprint")}
+        return SettingsRecord("prepare", settings=content["fingerprint"], info={"options": content["settings"], **info})
+    return SettingsRecord.read(path, "prepare")
+
+
+def shard_plan(listing: Listing, samples_per_shard: int) -> list[list[tuple[int, str, int]]]:
     """Image i goes to shard i // samples_per_shard: fixed by the sorted listing, so resuming is exact."""
     numbered = [(i, rel, cls) for i, (rel, cls) in enumerate(listing.items)]
     return [numbered[s : s + samples_per_shard] for s in range(0, len(numbered), samples_per_shard)]
@@ -123,14 +132,13 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
         )
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(settings, codec, listing)
-    plan = _plan(listing, settings.samples_per_shard)
-    _check_existing(out, settings.prefix, fingerprint, len(plan))
+    fingerprint = fingerprint_of(settings, codec, listing)
+    plan = shard_plan(listing, settings.samples_per_shard)
+    record = plan_record(settings, fingerprint, listing, len(plan))
+    _check_existing(out, record, len(plan))
     # Every rank writes the same two files (atomic replace), so no rank waits for another.
-    write_json_atomic(out / CLASSES_NAME, listing.classes)
-    write_json_atomic(out / PLAN_NAME, {"settings": asdict(settings), "fingerprint": fingerprint,
-                                        "num_shards": len(plan), "num_classes": len(listing.classes),
-                                        "listing_skipped": listing.skipped, "ignored_files": listing.ignored})
+    write_json(out / CLASSES_NAME, listing.classes, sort_keys=True)
+    record.write(out / PLAN_NAME)
     for entry in listing.skipped:
         log.warning("skipped %s (%s: %s)", entry["source"], entry["reason"], entry["detail"])
     mine = [s for s in range(len(plan)) if s % world == rank]
@@ -175,19 +183,17 @@ def close_shard(state: ShardState, fingerprint: dict[str, Any]) -> dict[str, Any
     return state.writer.close(extra={**state.sidecar_records(), "prepare": fingerprint})
 
 
-def _check_existing(out: Path, prefix: str, fingerprint: dict[str, Any], num_shards: int) -> None:
-    """Finished shards must come from the same settings and input files, and the folder may hold no other shards."""
+def _check_existing(out: Path, record: SettingsRecord, num_shards: int) -> None:
+    """The folder and every finished shard must come from the same settings and input files; no other shards."""
+    prefix = record.settings["prefix"]
     _refuse_foreign_shards(out, [shard_name(prefix, s) for s in range(num_shards)])
+    if (out / PLAN_NAME).exists():
+        record.refuse_if_different(read_plan(out).settings, where=f"{out} (see its {PLAN_NAME})", what="shards",
+                                   remedy=REMEDY, labels=DIGEST_LABELS)
     for tar in sorted(out.glob(f"{prefix}-" + "[0-9]" * 6 + ".tar")):
-        if not shard_is_complete(tar):
-            continue
-        recorded = json.loads(sidecar_path(tar).read_text()).get("prepare")
-        if recorded != fingerprint:
-            raise ValueError(
-                f"{tar} was written with other settings or input files; differs in: "
-                f"{describe_differences(recorded, fingerprint)}; use a new --output directory, or delete the old "
-                f"shards to re-encode"
-            )
+        if shard_is_complete(tar):  # a shard's sidecar carries the fingerprint it was written with
+            record.refuse_if_different(read_json(sidecar_path(tar), "shard sidecar").get("prepare"), where=tar,
+                                       what="samples", remedy=REMEDY, labels=DIGEST_LABELS)
 
 
 def _refuse_foreign_shards(out: Path, names: list[str]) -> None:
@@ -206,18 +212,15 @@ def _refuse_foreign_shards(out: Path, names: list[str]) -> None:
 def reindex(output: str | Path) -> dict[str, Any]:
     """Merge the sidecars into index.json with the run's settings and the counts of skipped/converted images."""
     out = Path(output)
-    plan_path = out / PLAN_NAME
-    if not plan_path.exists():
-        raise FileNotFoundError(f"{plan_path} is missing: {out} was not written by `prepare`")
-    plan = json.loads(plan_path.read_text())
-    fingerprint, num_shards = plan["fingerprint"], plan["num_shards"]
+    plan = read_plan(out)
+    fingerprint, num_shards = plan.settings, plan.info["num_shards"]
     prefix = fingerprint["prefix"]
     missing = [shard_name(prefix, s) for s in range(num_shards) if not shard_is_complete(out / shard_name(prefix, s))]
     if missing:
         raise ShardFormatError(f"{len(missing)} of {num_shards} shards are unfinished ({missing[:5]}...): rerun prepare")
-    skipped, converted, resized, written = list(plan["listing_skipped"]), [], Counter(), 0
+    skipped, converted, resized, written = list(plan.info["listing_skipped"]), [], Counter(), 0
     for s in range(num_shards):
-        sidecar = json.loads(sidecar_path(out / shard_name(prefix, s)).read_text())
+        sidecar = read_json(sidecar_path(out / shard_name(prefix, s)), "shard sidecar")
         written += sidecar["num_samples"]
         if sidecar.get("prepare") != fingerprint:
             raise ShardFormatError(f"{shard_name(prefix, s)} was written with other settings than {PLAN_NAME}")
@@ -228,17 +231,17 @@ def reindex(output: str | Path) -> dict[str, Any]:
     settings = {
         "codec": codec, "latent_channels": codec["latent_channels"], "factor": codec["factor"],
         "mode": fingerprint["mode"], "dtype": fingerprint["dtype"], "flip": fingerprint["flip"],
-        "samples_per_shard": fingerprint["samples_per_shard"], "num_classes": plan["num_classes"],
-        "source": plan["settings"]["input"],
+        "samples_per_shard": fingerprint["samples_per_shard"], "num_classes": plan.info["num_classes"],
+        "source": plan.info["options"]["input"],
         "counts": {
-            "listed": fingerprint["num_items"] + len(plan["listing_skipped"]),
+            "listed": fingerprint["num_items"] + len(plan.info["listing_skipped"]),
             "written": written,
             "skipped": dict(sorted(Counter(e["reason"] for e in skipped).items())),
             "converted": dict(sorted(Counter(r for e in converted for r in e["reasons"]).items())),
             "resized": dict(sorted(resized.items())),
-            "ignored_files": len(plan["ignored_files"]),
+            "ignored_files": len(plan.info["ignored_files"]),
         },
-        "skipped": skipped, "converted": converted, "ignored_files": plan["ignored_files"],
+        "skipped": skipped, "converted": converted, "ignored_files": plan.info["ignored_files"],
     }
     if written + len(skipped) != settings["counts"]["listed"]:  # every listed file is written or skipped, once
         raise ShardFormatError(f"{written} written + {len(skipped)} skipped != {settings['counts']['listed']} listed")

@@ -8,14 +8,12 @@ from typing import Any
 
 import torch
 
+from nit_lightning.records import write_with
+
 
 def save_payload(out: str | Path, payload: dict[str, Any]) -> None:
     """torch.save to a temporary name, then rename: a file that exists is complete."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    write_with(out, lambda tmp: torch.save(payload, tmp))
 
 
 def load_payload(path: str | Path, *, kind: str, version_key: str, version: int, what: str, how_to_make: str,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from nit_lightning.records.files import commit, read_json, temporary_path, write_json
 
 INDEX_NAME = "index.json"
 LATENT_DTYPES = ("float16", "bfloat16")
@@ -135,13 +136,13 @@ def decode_sample(key: str, members: dict[str, bytes]) -> LatentSample:
 
 
 class ShardWriter:
-    """Writes one shard atomically: members go to `<name>.tar.tmp`, renamed on close; the sidecar JSON last."""
+    """Writes one shard atomically: members go to this process's temporary file, renamed on close; the sidecar last."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.suffix != ".tar":
             raise ValueError(f"shard path must end in .tar, got {self.path}")
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.tmp_path = temporary_path(self.path)  # this process's own name: two runs never share a half tar
         self._tar = tarfile.open(self.tmp_path, "w")
         self.keys: list[str] = []
         self.lengths: list[int] = []
@@ -158,16 +159,16 @@ class ShardWriter:
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Finish the tar, rename it into place, write the sidecar; returns the sidecar's content. If finishing fails
-        (a full disk), the `.tar.tmp` is removed and the error raised: the shard stays unfinished, a rerun redoes it."""
+        (a full disk), the temporary file is removed and the error raised: the shard stays unfinished, a rerun redoes it."""
         try:
             self._tar.close()
-            os.replace(self.tmp_path, self.path)
+            commit(self.tmp_path, self.path)
         except BaseException:
             self.tmp_path.unlink(missing_ok=True)
             raise
         sidecar = {"name": self.path.name, "num_samples": len(self.keys), "keys": self.keys, "lengths": self.lengths}
         sidecar.update(extra or {})
-        write_json_atomic(sidecar_path(self.path), sidecar)  # last: a tar without its sidecar counts as unfinished
+        write_json(sidecar_path(self.path), sidecar, sort_keys=True)  # last: a tar without its sidecar counts as unfinished
         return sidecar
 
     def abort(self) -> None:
@@ -190,18 +191,6 @@ def shard_is_complete(shard_path: str | Path) -> bool:
     return Path(shard_path).exists() and sidecar_path(shard_path).exists()
 
 
-def write_json_atomic(path: str | Path, content: Any) -> None:
-    """Write to `<name>.tmp`, then rename over `path`; a failed write leaves neither a partial file nor the `.tmp`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_index(
     directory: str | Path, settings: dict[str, Any] | None = None, names: list[str] | None = None
 ) -> dict[str, Any]:
@@ -213,7 +202,7 @@ def build_index(
     for tar_path in paths:
         if not sidecar_path(tar_path).exists():
             raise ShardFormatError(f"shard {tar_path} has no sidecar {sidecar_path(tar_path).name}: it is unfinished")
-        shards.append(json.loads(sidecar_path(tar_path).read_text()))
+        shards.append(read_json(sidecar_path(tar_path), "shard sidecar"))
     histogram = Counter(length for shard in shards for length in shard["lengths"])
     index = {
         "num_samples": sum(shard["num_samples"] for shard in shards),
@@ -222,7 +211,7 @@ def build_index(
         "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths")} for shard in shards],
     }
     index.update(settings or {})
-    write_json_atomic(directory / INDEX_NAME, index)
+    write_json(directory / INDEX_NAME, index, sort_keys=True)
     return index
 
 
@@ -233,4 +222,4 @@ def load_index(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {INDEX_NAME} in {directory}: run `python -m nit_lightning prepare` to write shards and their index"
         )
-    return json.loads(path.read_text())
+    return read_json(path, "shard index")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import colorsys
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,6 +9,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from nit_lightning.records import SettingsRecord, folder_lock, write_with
+from nit_lightning.records.lock import LOCK_NAME
 
 # Ten shape families; class k draws family k mod 10 in a hue that differs between the classes of one family.
 FAMILIES = ("disc", "ring", "stripes", "bar", "cross", "checker", "triangle", "gradient", "diamond", "frame")
@@ -128,7 +130,10 @@ MANIFEST_NAME = "synth.json"  # written last: the set is complete
 PARTIAL_NAME = "synth.partial.json"  # written first, removed at the end: a set being written (or cut short)
 
 
-def check_output(out: Path, wanted: dict[str, Any]) -> None:
+REMEDY = "its images would stay next to the new ones; use a new --out, or delete {out} first"
+
+
+def check_output(out: Path, record: SettingsRecord) -> None:
     """An output folder must be new, empty, or a synth set of the same settings (whose rewrite gives the same files).
 
     A folder of other settings is refused rather than cleared: new images would lie next to stale ones (other sizes,
@@ -139,14 +144,9 @@ def check_output(out: Path, wanted: dict[str, Any]) -> None:
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     for marker in (out / MANIFEST_NAME, out / PARTIAL_NAME):
         if marker.is_file():
-            recorded = json.loads(marker.read_text()).get("settings") or {}
-            if recorded != wanted:
-                changed = ", ".join(f"{k} {recorded.get(k)!r} -> {wanted.get(k)!r}"
-                                    for k in sorted(set(wanted) | set(recorded)) if recorded.get(k) != wanted.get(k))
-                raise ValueError(f"{out} holds a synth set made with other settings ({changed}): its images would "
-                                 f"stay next to the new ones; use a new --out, or delete {out} first")
+            record.check(marker, what="a synth set", remedy=REMEDY.format(out=out), write=False)
             return
-    if any(out.iterdir()):
+    if any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no {MANIFEST_NAME}: synth writes only into a new or empty "
                          f"folder (or one of its own sets with the same settings)")
 
@@ -155,10 +155,15 @@ def write_synthetic(settings: SynthSettings) -> dict[str, Any]:
     """Write the set as an ImageNet-style folder (and train/val split), plus `synth.json`; returns the manifest."""
     settings.validate()
     s, out = settings, Path(settings.out)
-    wanted = {k: v for k, v in asdict(s).items() if k != "out"}  # where it lies is not what it is
-    check_output(out, wanted)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARTIAL_NAME).write_text(json.dumps({"settings": wanted}, indent=1))
+    # Where the set lies is not what it is: --out is left out of the compared settings.
+    record = SettingsRecord("synth", {k: v for k, v in asdict(s).items() if k != "out"})
+    with folder_lock(out, "synth"):
+        check_output(out, record)
+        record.write(out / PARTIAL_NAME)
+        return _write_images(s, out, record)
+
+
+def _write_images(s: SynthSettings, out: Path, record: SettingsRecord) -> dict[str, Any]:
     width = max(3, len(str(s.num_classes - 1)))
     class_dirs = [f"c{k:0{width}d}-{class_style(k)['name']}" for k in range(s.num_classes)]
     num_val = int(round(s.num_images * s.val_fraction))
@@ -173,13 +178,11 @@ def write_synthetic(settings: SynthSettings) -> dict[str, Any]:
         root = out / split if s.val_fraction > 0 else out
         folder = root / class_dirs[k]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(render(k, hw, rng), "RGB").save(folder / f"{i:07d}.png", compress_level=1)
+        image = Image.fromarray(render(k, hw, rng), "RGB")
+        write_with(folder / f"{i:07d}.png", lambda tmp: image.save(tmp, format="PNG", compress_level=1))
         counts[split] += 1
-    manifest = {
-        "settings": wanted,
-        "classes": [dict(class_style(k), index=k, folder=class_dirs[k]) for k in range(s.num_classes)],
-        "counts": counts if s.val_fraction > 0 else {"all": s.num_images},
-    }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    record.info = {"classes": [dict(class_style(k), index=k, folder=class_dirs[k]) for k in range(s.num_classes)],
+                   "counts": counts if s.val_fraction > 0 else {"all": s.num_images}}
+    record.write(out / MANIFEST_NAME)
     (out / PARTIAL_NAME).unlink()
-    return manifest
+    return record.as_dict()

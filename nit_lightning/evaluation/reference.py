@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from nit_lightning.data.sizes import format_size
 from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
 from nit_lightning.evaluation.extractors import FeatureExtractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats
+from nit_lightning.records import SettingsRecord, write_with
+from nit_lightning.records.files import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,29 @@ def save_reference(path: str | Path, ref: Reference) -> None:
     if ref.pool is not None:
         arrays[POOL_KEY] = np.asarray(ref.pool, np.float32)
     arrays[META_KEY] = np.array(json.dumps(ref.meta, sort_keys=True))
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append ".npz" to a temporary name
+            np.savez(handle, **arrays)
+
+    write_with(path, write)
+
+
+def reference_record(extractor_name: str, size: tuple[int, int], *, subset: int, seed: int,
+                     source: str | Path) -> SettingsRecord:
+    """What decides a reference built here (compared before a rebuild overwrites one)."""
+    return SettingsRecord("reference", settings={
+        "extractor": extractor_name, "size": list(size), "subset": int(subset), "seed": int(seed),
+        "source": os.path.realpath(source), "protocol": PROTOCOL})
+
+
+def check_reference_output(path: str | Path, record: SettingsRecord) -> None:
+    """Before building: `path` must be writable, and an existing reference there must have the same settings."""
+    path = check_output_file(path)
+    if path.is_file():
+        meta = load_reference(path, load_images=False).meta
+        record.refuse_if_different({k: meta.get(k) for k in record.settings}, where=path, what="a reference",
+                                   remedy="use another --out, or delete it to rebuild")
 
 
 def load_reference(path: str | Path, *, load_images: bool = True) -> Reference:
@@ -149,8 +172,8 @@ def build_reference(images_dir: str | Path, size: tuple[int, int], extractor: Fe
         if (b + 1) % 20 == 0:
             log.info("reference %s: %d / %d images", format_size(size), b * batch_size + len(batch), n)
     result = stats.compute()
-    meta = {"extractor": extractor.name, "size": list(size), "num_images": n, "subset": int(len(chosen)),
-            "seed": seed, "source": str(images_dir), "protocol": PROTOCOL, "feature_dims": dict(extractor.dims)}
+    meta = {**reference_record(extractor.name, size, subset=subset, seed=seed, source=images_dir).settings,
+            "num_images": n, "kept": int(len(chosen)), "feature_dims": dict(extractor.dims)}
     return Reference(mu=result["mu"], sigma=result["sigma"], mu_s=result["mu_s"], sigma_s=result["sigma_s"],
                      images=np.concatenate(kept_images), pool=np.concatenate(kept_pool), meta=meta)
 

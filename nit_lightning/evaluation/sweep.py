@@ -8,13 +8,11 @@ References are looked up as REF_DIR/<HxW>.npz (e.g. references/256x256.npz, refe
 """
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from nit_lightning import distributed
@@ -23,6 +21,7 @@ from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_g
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
 from nit_lightning.generation.settings import Sweep, SweepSetting
+from nit_lightning.records import differences, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -58,8 +57,8 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         config = {"setting": setting.as_dict(), "num": num, "seed": seed, "features": extractor.name,
                   "weights_sha256": weights, **({"extra_metrics": sorted(extra_metrics)} if extra_metrics else {})}
         if done_file.is_file():
-            previous = json.loads(done_file.read_text())
-            if previous.get("config") == config and previous.get("status") == "ok":
+            previous = read_json(done_file, "sweep result")
+            if not differences(previous.get("config"), config) and previous.get("status") == "ok":
                 log.info("sweep %s: reusing the finished result in %s", name, done_file)
                 results[name] = previous
                 continue
@@ -78,7 +77,7 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
                 raise RuntimeError(f"{samples} holds {metrics['num_samples']} samples, the sweep asked for {num}")
             metrics.update({key: float(fn(samples)) for key, fn in extra_metrics.items()})
             record = {"status": "ok", "config": config, "metrics": metrics, "published": setting.published}
-            done_file.write_text(json.dumps(record, indent=2, default=_json_default))
+            write_json(done_file, record, indent=2)
         except Exception as error:  # one setting's failure must not stop the others; it is reported and counted
             log.error("sweep %s failed: %s", name, error)
             record = {"status": "failed", "config": config, "error": f"{type(error).__name__}: {error}",
@@ -88,19 +87,11 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         return {"results": results}
     summary = {"name": sweep.name, "published_model": sweep.published_model, "num": num, "features": extractor.name,
                "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    (out / "results.md").write_text(results_markdown(summary, list(sweep.settings), list(extra_metrics)))
+    write_json(out / "results.json", summary, indent=2)
+    write_text(out / "results.md", results_markdown(summary, list(sweep.settings), list(extra_metrics)))
     if tb:
         _log_tensorboard(out / "tb", results, METRIC_KEYS + tuple(extra_metrics))
     return summary
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (np.ndarray, Path)):
-        return value.tolist() if isinstance(value, np.ndarray) else str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 def _fmt(value: Any, digits: int) -> str:

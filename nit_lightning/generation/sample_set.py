@@ -8,9 +8,7 @@ derive_seed(seed, i); rank r of W makes images r, r + W, ...: the set is the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +25,7 @@ from nit_lightning.data.sizes import format_size, validate_size
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline, load_pipeline
 from nit_lightning.generation.settings import SweepSetting
+from nit_lightning.records import SettingsRecord, folder_lock, read_json, write_json, write_with
 
 log = logging.getLogger(__name__)
 UINT8_RULE = "clamp(round((x+1)*127.5),0,255), round half to even"
@@ -59,7 +58,8 @@ def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Pa
         raise ValueError("no sizes to sample: give at least one setting")
     ranks = distributed.from_environment()
     device = distributed.device_for(run.device, ranks.local_rank)
-    with distributed.process_group(ranks, device):
+    # One run per output folder (rank 0 holds the lock for all ranks: they write disjoint images of one set).
+    with distributed.process_group(ranks, device), folder_lock(run.out, "sample", enabled=ranks.is_main):
         pipe = pipeline or load_pipeline(run.ckpt, use_ema=run.use_ema, rope_layout=run.rope_layout, device=device,
                                          codec=run.codec)
         out: dict[str, Path] = {}
@@ -82,7 +82,7 @@ def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *,
     npz = folder / f"samples_{num}x{h}x{w}x3.npz"
     check_provenance(folder, provenance(pipeline, setting, seed, source), ranks.is_main)
     done = folder / "done.json"
-    finished = npz.exists() and done.exists() and json.loads(done.read_text()).get("num_samples") == num
+    finished = npz.exists() and done.exists() and read_json(done, "sample-set record").get("num_samples") == num
     # Kept PNGs are the truth: a deleted PNG is regenerated and the npz rebuilt; with --no-png the npz is the record.
     if finished and (not save_png or all(png_path(folder, i).exists() for i in range(num))):
         log.info("%s: complete (%s), nothing to do", folder, npz.name)
@@ -118,7 +118,7 @@ def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *,
         if missing:
             raise RuntimeError(f"{folder}: {len(missing)} of {num} PNGs missing after sampling (first: {missing[:5]})")
         write_adm_npz(npz, folder, num, setting.size, np.arange(num) % num_classes)
-        done.write_text(json.dumps({"num_samples": num, "npz": npz.name}))
+        write_json(done, {"num_samples": num, "npz": npz.name})
         if not save_png:
             for i in range(num):
                 png_path(folder, i).unlink()
@@ -128,29 +128,24 @@ def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *,
 
 
 # ---- provenance --------------------------------------------------------------------------------------------------
+PROVENANCE_NAME = "provenance.json"
 INFORMATIONAL = ("source", "weights")  # recorded, but a moved or renamed checkpoint with the same weights may resume
+LABELS = {"weights_sha256": "weights_sha256 (another model: other weights)"}
 
 
-def provenance(pipeline: Pipeline, setting: SweepSetting, seed: int, source: str | None) -> dict[str, Any]:
-    """What decides every pixel of the set, plus where the weights were read from."""
-    return {"weights_sha256": pipeline.meta.get("weights_sha256"), "sampler": setting.sampler.as_dict(), "seed": seed,
-            "size": setting.name, "codec": pipeline.codec.describe(),
-            "num_classes": int(pipeline.net.config.num_classes), "label_rule": "i mod num_classes",
-            "uint8_rule": UINT8_RULE, "source": str(Path(source).resolve()) if source else None,
-            "weights": pipeline.meta.get("weights")}
+def provenance(pipeline: Pipeline, setting: SweepSetting, seed: int, source: str | None) -> SettingsRecord:
+    """What decides every pixel of the set (compared on resume), plus where the weights were read from (recorded)."""
+    return SettingsRecord("sample-set", settings={
+        "weights_sha256": pipeline.meta.get("weights_sha256"), "sampler": setting.sampler.as_dict(), "seed": seed,
+        "size": setting.name, "codec": pipeline.codec.describe(), "num_classes": int(pipeline.net.config.num_classes),
+        "label_rule": "i mod num_classes", "uint8_rule": UINT8_RULE,
+    }, info={"source": str(Path(source).resolve()) if source else None, "weights": pipeline.meta.get("weights")})
 
 
-def check_provenance(folder: Path, record: dict[str, Any], is_main: bool) -> None:
+def check_provenance(folder: Path, record: SettingsRecord, is_main: bool) -> None:
     """Refuse to add images to a folder that another model or other settings started; rank 0 writes the record."""
-    path = folder / "provenance.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in record.items() if k not in INFORMATIONAL and old.get(k) != v}
-        if diff:
-            raise ValueError(f"{folder} holds samples made by another model or with other settings: {diff} (before, "
-                             f"now); use another --out or delete {folder}")
-    elif is_main:
-        _write_atomic(path, json.dumps(record, indent=1).encode())
+    record.check(folder / PROVENANCE_NAME, what="samples", labels=LABELS, ignore=set(INFORMATIONAL), write=is_main,
+                 remedy=f"use another --out or delete {folder}")
 
 
 # ---- files -------------------------------------------------------------------------------------------------------
@@ -158,24 +153,12 @@ def png_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.png"
 
 
-def _tmp(path: Path) -> Path:
-    """A temporary name of this process: two runs writing into one folder never share a temporary file."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_png(image_3HW: torch.Tensor, path: Path) -> None:
     """Atomic write (temporary file, then rename): a PNG that exists is complete, so resuming can trust it."""
     from PIL import Image
 
-    tmp = _tmp(path)
-    Image.fromarray(image_3HW.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    image = Image.fromarray(image_3HW.permute(1, 2, 0).numpy())
+    write_with(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def read_png(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -189,16 +172,17 @@ def read_png(path: Path, size: tuple[int, int]) -> np.ndarray:
 def write_adm_npz(path: Path, folder: Path, n: int, size: tuple[int, int], labels: np.ndarray) -> Path:
     """ADM npz (arr_0 uint8 (n, H, W, 3), arr_1 int64 labels) streamed from PNGs: memory of one image, not n."""
     h, w = size
-    tmp = _tmp(path)
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
-            for i in range(n):
-                f.write(np.ascontiguousarray(read_png(png_path(folder, i), size)).tobytes())
-        with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
+                for i in range(n):
+                    f.write(np.ascontiguousarray(read_png(png_path(folder, i), size)).tobytes())
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+
+    return write_with(path, write)
 
 
 def _progress(enabled: bool):

@@ -96,6 +96,18 @@ def write_with(path: str | Path, writer: Callable[[Path], Any], *, shared: bool 
     return Path(path)
 
 
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """Before the work: an output file's path must not be a folder and its folder must be writable (or creatable), so
+    that a long computation never ends in an error that loses its result."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'result.json'}")
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {folder} is not a writable folder; choose another output path")
+    return path
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     """A JSON file's content; a missing, unreadable or truncated file is one error naming the file and what to do."""
     path = Path(path)

@@ -76,26 +76,38 @@ class SettingsRecord:
     version: int = 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "version": self.version, "settings": plain(self.settings), "info": plain(self.info)}
+        """On disk: {"kind", "version", "settings", **info} (info at the top, where readers of a manifest look)."""
+        reserved = {"kind", "version", "settings"} & set(self.info)
+        if reserved:
+            raise ValueError(f"a record's info may not use the keys {sorted(reserved)}")
+        return {"kind": self.kind, "version": self.version, "settings": plain(self.settings), **plain(self.info)}
 
     def write(self, path: str | Path) -> Path:
         return write_json(path, self.as_dict())
 
     @classmethod
     def read(cls, path: str | Path, kind: str | None = None) -> "SettingsRecord":
+        """A record from disk; a file from before records (a flat dict of settings) reads as settings only."""
         content = read_json(path, "settings record")
-        if not isinstance(content, dict) or "settings" not in content:
-            raise ValueError(f"{path} is not a settings record of this suite (no 'settings' key)")
-        found = content.get("kind", kind)
+        if not isinstance(content, dict):
+            raise ValueError(f"{path} is not a settings record of this suite (a JSON object is expected)")
+        if "settings" not in content:
+            return cls(kind or "", dict(content), version=0)
+        found = content.get("kind") or kind
         if kind is not None and found != kind:
             raise SettingsMismatch(f"{path} records a {found!r}, not a {kind!r}: this folder holds another stage's "
                                    "outputs; use another folder")
-        return cls(found, dict(content["settings"]), dict(content.get("info") or {}), int(content.get("version", 1)))
+        info = {k: v for k, v in content.items() if k not in ("kind", "version", "settings")}
+        return cls(found or "", dict(content["settings"]), info, int(content.get("version", 1)))
 
-    def differences_from(self, other: "SettingsRecord", ignore: frozenset[str] | set[str] = frozenset()
-                         ) -> dict[str, tuple[Any, Any]]:
-        """{key: (other's, ours)} over the settings."""
-        return differences(other.settings, self.settings, ignore=ignore)
+    def refuse_if_different(self, recorded: Mapping[str, Any] | None, *, where: str | Path, what: str, remedy: str,
+                            labels: Mapping[str, str] | None = None,
+                            ignore: frozenset[str] | set[str] = frozenset()) -> None:
+        """SettingsMismatch when `recorded` (the settings found at `where`) differ from ours, naming every key."""
+        diffs = differences(recorded, self.settings, ignore=ignore)
+        if diffs:
+            raise SettingsMismatch(f"{where} holds {what} made with other settings "
+                                   f"({describe_differences(diffs, labels=labels)}); {remedy}")
 
     def check(self, path: str | Path, *, what: str, remedy: str, labels: Mapping[str, str] | None = None,
               ignore: frozenset[str] | set[str] = frozenset(), write: bool = True) -> bool:
@@ -104,12 +116,8 @@ class SettingsRecord:
         path = Path(path)
         if path.is_file():
             recorded = SettingsRecord.read(path, self.kind)
-            diffs = self.differences_from(recorded, ignore)
-            if diffs:
-                raise SettingsMismatch(
-                    f"{path.parent} holds {what} made with other settings ({describe_differences(diffs, labels=labels)}"
-                    f", recorded in {path.name}); {remedy}"
-                )
+            self.refuse_if_different(recorded.settings, where=f"{path.parent} (see its {path.name})", what=what,
+                                     remedy=remedy, labels=labels, ignore=ignore)
             return True
         if write:
             self.write(path)

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from nit_lightning.records.files import atomic_path, commit, remove_path, temporary_path
+
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("state_dict", "global_step", "loops")
@@ -165,26 +167,10 @@ def find_resume_checkpoint(
     return None if found is None else str(found)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def _replace_with_copy(source: Path, target: Path) -> None:
     """Copy a checkpoint file or sharded folder to `target` through `<target>.tmp` and an atomic rename."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    _remove(tmp)
-    (shutil.copytree if source.is_dir() else shutil.copyfile)(source, tmp)
-    if target.is_dir() or tmp.is_dir():  # os.replace cannot put a folder over a full folder, or a file over a folder
-        _remove(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _remove(old)
-    else:
-        os.replace(tmp, target)
+    with atomic_path(target, shared=True) as tmp:
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, tmp)
 
 
 def repair_checkpoint_dir(ckpt_dir: Path, scan: Scan, last_name: str = "last.ckpt") -> None:
@@ -199,7 +185,7 @@ def repair_checkpoint_dir(ckpt_dir: Path, scan: Scan, last_name: str = "last.ckp
     had_last = last.exists()
     for path in scan.damaged:
         aside = path.with_name(path.name + ".corrupt")
-        _remove(aside)
+        remove_path(aside)
         os.replace(path, aside)
         log.warning("moved damaged checkpoint %s aside to %s", path, aside)
     if scan.found is None or not had_last or scan.found.resolve() == last.resolve():
@@ -210,19 +196,13 @@ def repair_checkpoint_dir(ckpt_dir: Path, scan: Scan, last_name: str = "last.ckp
 
 
 def save_checkpoint_atomic(trainer: Trainer, path: str | Path) -> None:
-    """trainer.save_checkpoint to `<path>.tmp` then os.replace: a preempted save never leaves a half-written file."""
+    """trainer.save_checkpoint to `<path>.tmp` then a rename: a preempted save never leaves a half-written file. The
+    temporary name is shared, not per process: a sharded save is written by every rank into one folder."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path, shared=True)
     trainer.save_checkpoint(tmp)  # collective: every rank calls it, rank 0 writes (DDP) / all write (sharded)
     if trainer.is_global_zero:
-        if tmp.is_dir() and path.exists():  # sharded saves are folders: os.replace cannot overwrite a full one
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        commit(tmp, path)
     trainer.strategy.barrier("save_checkpoint_atomic")
 
 
