@@ -8,8 +8,8 @@ from typing import Any
 import lightning as L
 
 from nit_lightning import distributed
-from nit_lightning.data.epochs import EpochPlan, RankPlan, Source, build_plan, load_sources
-from nit_lightning.data.loader import ON_ERROR, LoaderStats, PackDataset, PackLoader
+from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
+from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader
 from nit_lightning.records import plain
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,12 @@ class NativeLatentDataModule(L.LightningDataModule):
             return int(self.trainer.current_epoch)
         return self._next_epoch
 
-    def _begin(self, kind: str) -> tuple[int, int, RankPlan, EpochPlan]:
-        """Epoch, first pack and plans for a new iterator; consumes a pending resume position if it matches."""
+    def packs_per_rank(self, kind: str) -> int:
+        """Packs each rank gets in the upcoming epoch of `kind` (the loader's length)."""
+        return self._plan_for(kind, self._upcoming_epoch(kind)).packs_per_rank
+
+    def start_epoch(self, kind: str) -> EpochStart:
+        """Epoch, first pack and plan for a new iterator; consumes a pending resume position if it matches."""
         epoch, start = self._upcoming_epoch(kind), 0
         if kind == "train":
             if self._resume is not None and self._resume[0] == epoch:
@@ -150,7 +154,12 @@ class NativeLatentDataModule(L.LightningDataModule):
         rank, _ = self.rank_world()
         if start:
             log.info("resuming %s data at epoch %d, pack %d of %d", kind, epoch, start, plan.packs_per_rank)
-        return epoch, start, plan.rank_part(rank), plan
+        self.stats[kind] = LoaderStats(epoch=epoch, plan_efficiency=plan.efficiency)
+        return EpochStart(epoch, start, rank, plan.rank_part(rank), self.stats[kind], self.max_skipped_fraction)
+
+    def delivered(self, kind: str, epoch: int, packs: int) -> None:
+        """The loader of `kind` has handed out `packs` packs of `epoch` (the position without a trainer)."""
+        self._consumed[kind] = (epoch, packs)
 
     @property
     def packing_efficiency(self) -> float:

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -15,9 +15,6 @@ from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.epochs import RankPlan, Source, locate
 from nit_lightning.data.shard_reader import ShardReader, ShardReadError
 from nit_lightning.models.patching import patchify
-
-if TYPE_CHECKING:
-    from nit_lightning.data.datamodule import NativeLatentDataModule
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +149,44 @@ def check_planned(path, key: str, latent: torch.Tensor, planned: int, patch_size
         )
 
 
-class PackLoader(DataLoader):
-    """DataLoader(batch_size=None) that asks its DataModule for the epoch's plan and start on every `iter()`."""
+@dataclass
+class EpochStart:
+    """What a loader gets from its data module when an iterator starts: where to begin and what to count into."""
 
-    def __init__(self, owner: "NativeLatentDataModule", kind: str, dataset: PackDataset, num_workers: int):
+    epoch: int
+    start: int  # first pack of this rank's plan (> 0 when resuming mid-epoch)
+    rank: int
+    rank_plan: RankPlan
+    stats: LoaderStats
+    max_skipped_fraction: float
+
+
+class DataPosition(Protocol):
+    """The data module's side of a PackLoader: it owns the plans and the resume position; the loader only reports."""
+
+    def packs_per_rank(self, kind: str) -> int: ...
+
+    def start_epoch(self, kind: str) -> EpochStart: ...
+
+    def delivered(self, kind: str, epoch: int, packs: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class PackLoader(DataLoader):
+    """DataLoader(batch_size=None) that asks its data module for the epoch's plan and start on every `iter()`."""
+
+    def __init__(self, owner: DataPosition, kind: str, dataset: PackDataset, num_workers: int):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False)
         self._owner, self._kind = owner, kind
 
     def __len__(self) -> int:
-        return self._owner._plan_for(self._kind, self._owner._upcoming_epoch(self._kind)).packs_per_rank
+        return self._owner.packs_per_rank(self._kind)
 
     def state_dict(self) -> dict[str, Any]:
-        """Lightning saves this with the loops (and then treats the loader as resumable): the DataModule's position."""
+        """Lightning saves this with the loops (and then treats the loader as resumable): the data module's position."""
         return self._owner.state_dict() if self._kind == "train" else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -171,13 +194,13 @@ class PackLoader(DataLoader):
             self._owner.load_state_dict(state)
 
     def __iter__(self) -> Iterator[PackedBatch]:  # type: ignore[override]
-        epoch, start, rank_plan, plan = self._owner._begin(self._kind)
+        begun = self._owner.start_epoch(self._kind)
+        epoch, start, rank_plan, stats = begun.epoch, begun.start, begun.rank_plan, begun.stats
         self.dataset.plan, self.dataset.start = rank_plan, start
-        stats = LoaderStats(epoch=epoch, plan_efficiency=plan.efficiency)
-        self._owner.stats[self._kind] = stats
         # The limit holds over what this iterator will deliver (from `start` on a resume): it fails as soon as the
         # count is certain to exceed it, not after training on the rest of a damaged epoch.
-        limit = self._owner.max_skipped_fraction * int(rank_plan.offsets[-1] - rank_plan.offsets[start])
+        total = int(rank_plan.offsets[-1] - rank_plan.offsets[start])
+        limit = begun.max_skipped_fraction * total
         damaged: set[str] = set()
         began = time.perf_counter()
         iterator = super().__iter__()
@@ -203,16 +226,14 @@ class PackLoader(DataLoader):
             stats.seconds = now - began
             stats.last_pack_tokens, stats.last_pack_images = batch.num_tokens, batch.num_images
             j += 1
-            self._owner._consumed[self._kind] = (epoch, j)
+            self._owner.delivered(self._kind, epoch, j)
             if stats.skipped_samples > limit:
-                total = int(rank_plan.offsets[-1] - rank_plan.offsets[start])
-                rank, _ = self._owner.rank_world()
                 raise TooMuchSkipped(
-                    f"{self._kind} epoch {epoch}, rank {rank}: {stats.skipped_samples} of the {total} planned samples "
-                    f"({stats.skipped_samples / max(total, 1):.2%}) were skipped as unreadable or not as indexed "
+                    f"{self._kind} epoch {epoch}, rank {begun.rank}: {stats.skipped_samples} of the {total} planned "
+                    f"samples ({stats.skipped_samples / max(total, 1):.2%}) were skipped as unreadable or not as indexed "
                     f"(on_error=skip), from {len(damaged)} shards ({', '.join(sorted(damaged)[:3])}"
                     f"{', …' if len(damaged) > 3 else ''}); the limit is max_skipped_fraction="
-                    f"{self._owner.max_skipped_fraction:g}: repair or re-prepare those shards (the warnings name each "
+                    f"{begun.max_skipped_fraction:g}: repair or re-prepare those shards (the warnings name each "
                     f"sample), or raise data.max_skipped_fraction"
                 )
             yield batch
