@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import platform
 import statistics
 import sys
@@ -29,11 +30,22 @@ from nit_lightning.models import PRESETS, NiTConfig
 from nit_lightning.models.nit import NiTBlock
 from nit_lightning.models.packed import PackedMeta
 
-# The "before" column is the frozen pre-change network, which lives with the equivalence tests (tests/helpers/): the
-# one import from outside the package, so the tests folder joins the path here (the package itself is installed).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import nit_before  # noqa: E402
-from helpers.autocast import CudaAutocastPolicy  # noqa: E402
+
+
+def _load_helper(name: str):
+    """A module of tests/helpers/ loaded from its file: the "before" column is the frozen pre-change network, which
+    lives with the equivalence tests. Loaded by path, so nothing of tests/ joins sys.path (no `helpers` package
+    shadows another one)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "helpers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"nit_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+nit_before = _load_helper("nit_before")
+CudaAutocastPolicy = _load_helper("autocast").CudaAutocastPolicy
 
 
 def imagenet_like_grids(budget: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -232,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096, help="pack budget (ImageNet-like native grids)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per setting (median)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--autocast-policy", choices=("cuda", "cpu"), default="cuda",
                         help="bf16 rows: CUDA's autocast policy emulated (layer_norm in fp32, as on the GPU) or CPU's own")
     parser.add_argument("--detail", action="store_true", help="also print the ops with the most bytes, per column")
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     grids = imagenet_like_grids(args.tokens)
     hw = torch.tensor(grids)
     n = int(hw.prod(-1).sum())
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     print(f"# one NiT block, pack of {len(grids)} ImageNet-like images = {n} tokens; {platform.machine()} CPU, "
           f"{args.threads} thread(s), torch {torch.__version__}; before = frozen 5b743b4 block, after = this tree")
     print("# MB = 1e6 bytes read + written by the aten ops of the block (views free); saved = activation bytes kept for "

@@ -287,7 +287,7 @@ def run_training_child(config: dict, timeout_s: float, jsonl: str | Path | None)
     return emit(jsonl, "train", record)
 
 
-def time_sampling(device: torch.device, size: tuple[int, int], num: int, tokens_per_pack: int = 16384,
+def time_sampling(device: torch.device, size: tuple[int, int], num: int, tokens_per_forward: int = 16384,
                   steps: int = 50) -> dict:
     """NiT-XL (random weights) images/s through `generation.generate`'s packing and sampler at the `sample` command's
     defaults (16384 tokens per pack, precision auto = bf16 autocast on CUDA), Euler-50 + CFG 1.5 on [0, 0.7]; the
@@ -300,13 +300,13 @@ def time_sampling(device: torch.device, size: tuple[int, int], num: int, tokens_
     sampler = SamplerSettings(method="euler", steps=steps, cfg_scale=1.5, cfg_interval=(0.0, 0.7)).for_device(device)
     grid = (size[0] // 32, size[1] // 32)
     requests = [SampleRequest(i, grid, i % 1000, derive_seed(0, i)) for i in range(num)]
-    packs = plan_sample_packs(requests, tokens_per_pack, cfg=sampler.guided)
+    packs = plan_sample_packs(requests, tokens_per_forward, cfg=sampler.guided)
 
     def run(pack, pack_steps):
         return sample_pack(NetModelFn(net, sampler.precision), pack, net.config.token_dim, device=device,
                            method=sampler.method, steps=pack_steps, cfg_scale=sampler.cfg_scale,
                            cfg_interval=sampler.cfg_interval, null_class=net.null_class,
-                           dtype=sampler.integration_dtype)
+                           dtype=sampler.state_dtype)
 
     with torch.no_grad():
         run(packs[0], 2)  # warm-up: kernels, allocator
@@ -316,7 +316,7 @@ def time_sampling(device: torch.device, size: tuple[int, int], num: int, tokens_
             run(pack, steps)
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return {"sizes": f"{size[0]}x{size[1]}", "batch": num, "packs": len(packs), "tokens_per_pack": tokens_per_pack,
+    return {"sizes": f"{size[0]}x{size[1]}", "batch": num, "packs": len(packs), "tokens_per_forward": tokens_per_forward,
             "precision": sampler.precision, "steps": steps, "seconds": seconds, "images_per_s": num / seconds}
 
 
@@ -358,7 +358,7 @@ def print_table(results: dict) -> None:
             table.add_row("sampling", row.get("sizes", "?"), row["error"])
             continue
         table.add_row("sampling Euler-50 CFG (no decode)", f"NiT-XL {row['sizes']} ×{row['batch']} in {row['packs']} "
-                      f"packs of {row['tokens_per_pack']} tok, {row['precision']}",
+                      f"packs of {row['tokens_per_forward']} tok, {row['precision']}",
                       f"{row['seconds']:.2f} s, {row['images_per_s']:.1f} img/s (target 256²: 150, 512²: 40)")
     for row in results.get("e2e", []):
         detail = {k: v for k, v in row.items() if k not in ("section", "time")}

@@ -116,7 +116,7 @@ def today_encode_shard(shard_id: int, items, settings: PrepareSettings, codec: C
             for j, (index, rel, cls, meta, _) in enumerate(ready):
                 latent = latents[j].cpu()
                 flip = latents[len(ready) + j].cpu() if settings.flip else None
-                members = sample_members(f"{index:08d}", latent, cls, dtype=settings.dtype, latent_flip=flip, meta=meta)
+                members = sample_members(f"{index:08d}", latent, cls, dtype=settings.latent_dtype, latent_flip=flip, meta=meta)
                 writer.write(f"{index:08d}", members, int(latent.shape[1] * latent.shape[2]))
     except BaseException:
         writer.abort()

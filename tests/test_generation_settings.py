@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nit_lightning.generation.settings import SamplerSettings, SweepSetting, load_sweep, parse_interval
+from nit_lightning.generation.settings import SamplerSettings, SizeSetting, load_sweep, parse_interval
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
 # SPEC §7: NiT-XL's published per-resolution settings (method, steps, cfg, interval) and FID.
@@ -26,7 +26,7 @@ def test_sampler_settings_check_every_field():
     assert SamplerSettings.from_dict({"cfg": 2.0, "interval": "0,0.5"}).cfg_interval == (0.0, 0.5)
     bad = {"method 'ddim'": dict(method="ddim"), "steps=0": dict(steps=0), "integer >= 2 for sde": dict(method="sde", steps=1),
            "not a finite number": dict(cfg_scale=float("inf")), "precision 'fp8'": dict(precision="fp8"),
-           "integration dtype 'float16'": dict(dtype="float16"), "lo <= hi": dict(cfg_interval=(0.8, 0.2))}
+           "integration_dtype 'float16'": dict(integration_dtype="float16"), "lo <= hi": dict(cfg_interval=(0.8, 0.2))}
     for message, kwargs in bad.items():
         with pytest.raises(ValueError, match=message):
             SamplerSettings(**kwargs)
@@ -49,7 +49,7 @@ def test_sweep_file_defaults_aliases_notes_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"sizes \['16x16'\] are not in the sweep"):
         sweep.select(["16x16"])
     path.write_text("- {size: 64x32, steps: 5}\n")  # a bare list is the settings
-    assert load_sweep(path).settings == (SweepSetting((64, 32), SamplerSettings(steps=5)),)
+    assert load_sweep(path).settings == (SizeSetting((64, 32), SamplerSettings(steps=5)),)
     for text, message in (("settings:\n  - {size: 64x32, method: dpm}\n", "method 'dpm'"),
                           ("settings:\n  - {size: 64x32, seed: 3}\n", r"unknown key\(s\) \['seed'\]"),
                           ("settings:\n  - {size: 8x8}\n  - {size: 8x8}\n", "more than once"),
@@ -75,5 +75,5 @@ def test_repo_sweep_files_carry_the_spec_table():
 def test_auto_precision_is_bf16_on_cuda_and_fp32_elsewhere():
     auto = SamplerSettings()
     assert auto.precision == "auto"
-    assert auto.for_device("cpu").precision == "fp32" and auto.for_device("cuda:0").precision == "bf16"
-    assert SamplerSettings(precision="fp32").for_device("cuda").precision == "fp32"  # an explicit choice stays
+    assert auto.for_device("cpu").precision == "float32" and auto.for_device("cuda:0").precision == "bfloat16"
+    assert SamplerSettings(precision="float32").for_device("cuda").precision == "float32"  # an explicit choice stays

@@ -184,7 +184,7 @@ def test_resume_redoes_only_the_missing_shard(folder, prepared):
 def test_other_settings_on_the_same_output_are_refused(folder, prepared):
     out, _ = prepared
     with pytest.raises(ValueError, match=r"holds shards made with other settings \(dtype 'float16' -> 'bfloat16'\)"):
-        run_prepare(_settings(folder, out, dtype="bfloat16"))
+        run_prepare(_settings(folder, out, latent_dtype="bfloat16"))
 
 
 def test_rerun_with_another_prefix_is_refused_and_the_index_keeps_one_run(folder, prepared):
@@ -239,7 +239,7 @@ def test_rank_sharding_matches_single_run(folder, prepared, tmp_path, monkeypatc
 
 def test_fixed_256_gives_64_tokens_and_command_line(folder, tmp_path):
     code = prepare_main(["--input", str(folder), "--output", str(tmp_path), "--mode", "fixed-256", "--codec",
-                         "pixel:32", "--samples-per-shard", "10", "--dtype", "bfloat16"])
+                         "pixel:32", "--samples-per-shard", "10", "--latent-dtype", "bfloat16"])
     assert code == 0
     index = load_index(tmp_path)
     assert index["length_histogram"] == {"64": GOOD + 3} and index["mode"] == "fixed-256"

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 
 from helpers.nets import random_debug_net, write_lightning_checkpoint
+from nit_lightning import distributed
 from nit_lightning.cli.sample import main
 from nit_lightning.data.codecs import PixelCodec
 from nit_lightning.generation import sample_set
 from nit_lightning.generation.images import ImageRequest, NonFiniteSamples, generate
 from nit_lightning.generation.pipeline import load_pipeline, to_uint8
 from nit_lightning.generation.sample_set import SampleRun, run_sample
-from nit_lightning.generation.settings import SamplerSettings, SweepSetting
+from nit_lightning.generation.settings import SamplerSettings, SizeSetting
 from nit_lightning.models import build_nit
 from nit_lightning.records import SettingsRecord
 
@@ -35,7 +36,7 @@ def ckpt(tmp_path):
 
 def _argv(ckpt, out, *extra):
     return ["--ckpt", str(ckpt), "--sizes", "8x8,4x12", "--num-samples", "5", "--method", "euler", "--steps", "3",
-            "--cfg", "2.0", "--interval", "0,0.7", "--out", str(out), "--tokens-per-pack", "96", "--device", "cpu",
+            "--cfg", "2.0", "--interval", "0,0.7", "--out", str(out), "--tokens-per-forward", "96", "--device", "cpu",
             "--no-progress", *extra]
 
 
@@ -76,16 +77,14 @@ def test_resume_regenerates_only_missing(ckpt, tmp_path, monkeypatch):
 
 def test_ranks_and_pack_budget_do_not_change_samples(ckpt, tmp_path, monkeypatch):
     sampler = SamplerSettings(method="sde", steps=3, cfg_scale=2.0, cfg_interval=(0.0, 0.7))
-    base = SampleRun(ckpt=str(ckpt), out=str(tmp_path / "one"), settings=[SweepSetting((8, 8), sampler),
-                     SweepSetting((4, 12), sampler)], num_samples=5, device="cpu", progress=False, tokens_per_pack=1000)
+    base = SampleRun(ckpt=str(ckpt), out=str(tmp_path / "one"), settings=[SizeSetting((8, 8), sampler),
+                     SizeSetting((4, 12), sampler)], num_samples=5, device="cpu", progress=False, tokens_per_forward=1000)
     one = run_sample(base)
     # Two "ranks" with another pack budget: rank 1 makes its strided slice, then rank 0 the rest and the npz.
-    two = dataclasses.replace(base, out=str(tmp_path / "two"), tokens_per_pack=32)
+    two = dataclasses.replace(base, out=str(tmp_path / "two"), tokens_per_forward=32)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "unused")
     import contextlib
-
-    import nit_lightning.distributed as distributed
 
     # no process group: the two ranks run one after another
     monkeypatch.setattr(distributed, "process_group", lambda *a: contextlib.nullcontext())
@@ -104,7 +103,9 @@ def _rank_worker(rank, world, port, settings):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run_sample(settings)
+    ranks = distributed.from_environment()
+    with distributed.process_group(ranks, torch.device("cpu")):  # as the command opens it (cli/sample.py)
+        run_sample(settings)
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_two_processes_gloo_match_one(ckpt, tmp_path):
     import torch.multiprocessing as mp
 
     base = SampleRun(ckpt=str(ckpt), out=str(tmp_path / "one"), num_samples=5, device="cpu", progress=False,
-                     settings=[SweepSetting((8, 8), SamplerSettings(method="sde", steps=2))])
+                     settings=[SizeSetting((8, 8), SamplerSettings(method="sde", steps=2))])
     one = run_sample(base)["8x8"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -132,7 +133,7 @@ def test_no_png_and_size_rounding(ckpt, tmp_path):
     argv = ["--ckpt", str(ckpt), "--sizes", "9x6", "--num-samples", "2", "--steps", "2", "--out", str(out),
             "--device", "cpu", "--no-progress"]
     with pytest.raises(ValueError, match="9x6 is not a multiple of 2 .*10x6 \\(--round nearest\\) or 8x6"):
-        run_sample(SampleRun(ckpt=str(ckpt), out=str(out), settings=[SweepSetting((9, 6))], num_samples=2))
+        run_sample(SampleRun(ckpt=str(ckpt), out=str(out), settings=[SizeSetting((9, 6))], num_samples=2))
     assert main(argv + ["--round", "floor", "--no-png"]) == 0
     assert _pngs(out / "8x6") == [] and np.load(out / "8x6" / "samples_2x8x6x3.npz")["arr_0"].shape == (2, 8, 6, 3)
     assert main(argv + ["--round", "floor", "--no-png"]) == 0  # complete: nothing regenerated, npz kept

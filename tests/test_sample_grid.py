@@ -59,7 +59,7 @@ class FakeEMA(pl.Callback):
 
 
 def _callback(**kw):
-    args = dict(every_n_steps=2, sizes=["8x8", "4x12"], classes=[0, 1, 2], tokens_per_pack=64,
+    args = dict(every_n_steps=2, sizes=["8x8", "4x12"], classes=[0, 1, 2], tokens_per_forward=64,
                 sampler=SamplerSettings(steps=2, cfg_scale=2.0, cfg_interval=(0.0, 0.7)))
     return SampleGridCallback(**{**args, **kw})
 

@@ -260,7 +260,7 @@ def test_net_model_fn_bf16_autocast_close_to_fp32():
     net = _tiny_net().float()
     hw, y = torch.tensor([[3, 4]]), torch.tensor([3])
     x, t = torch.randn(12, 4), torch.tensor([0.6])
-    v32, v16 = NetModelFn(net, "fp32")(x, t, y, hw), NetModelFn(net, "bf16")(x, t, y, hw)
+    v32, v16 = NetModelFn(net, "float32")(x, t, y, hw), NetModelFn(net, "bfloat16")(x, t, y, hw)
     assert v16.dtype == torch.float32 and not torch.equal(v16, v32)  # autocast really ran in bf16
     torch.testing.assert_close(v16, v32, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="precision 'fp8'"):

@@ -237,7 +237,7 @@ def test_fsdp2_per_block_and_sharded_ema_match_single_device(tmp_path):
     from nit_lightning.training.ema import EMA
     from nit_lightning.training.strategies import NiTFSDP2Strategy, ShardedEMA
 
-    strategy = NiTFSDP2Strategy(param_dtype="fp32")
+    strategy = NiTFSDP2Strategy(param_dtype="float32")
     sharded = _fit_tiny(tmp_path / "fsdp2", strategy, ShardedEMA(decay=0.5))
     plain = _fit_tiny(tmp_path / "plain", "auto", EMA(decay=0.5))
     assert strategy.num_groups == 2 + 1 + 1  # 2 blocks, the net's root, the extra head
@@ -284,7 +284,7 @@ class Module(LightningModule):
 mode, out, steps, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), (sys.argv[4] if len(sys.argv) > 4 else None)
 torch.manual_seed(0)
 ema = ShardedEMA(decay=0.5) if mode == "fsdp2" else EMA(decay=0.5)
-strategy = NiTFSDP2Strategy(param_dtype="fp32") if mode == "fsdp2" else "auto"
+strategy = NiTFSDP2Strategy(param_dtype="float32") if mode == "fsdp2" else "auto"
 trainer = Trainer(accelerator="cpu", devices=2 if mode == "fsdp2" else 1, strategy=strategy, max_steps=steps,
                   logger=False, callbacks=[ema], enable_progress_bar=False, enable_model_summary=False,
                   enable_checkpointing=False)

@@ -21,13 +21,17 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 RENAMED = {"--num": "--num-samples", "--settings": "--sizes"}
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser without prefix abbreviations (`--num` must not silently mean `--num-samples`)."""
-    return argparse.ArgumentParser(prog=f"python -m nit_lightning {prog}", description=description, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str, description: str, renamed: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser without prefix abbreviations (`--num` must not silently mean `--num-samples`); `renamed`
+    maps this command's old flags to their new names (refused, naming the new one)."""
+    p = argparse.ArgumentParser(prog=f"python -m nit_lightning {prog}", description=description, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.renamed_flags = dict(renamed or {})  # read by _old_spelling
+    return p
 
 
 def _old_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    renamed = {**RENAMED, **getattr(parser, "renamed_flags", {})}
     known = {option for action in parser._actions for option in action.option_strings}
     for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
         known |= {o for p in sub.choices.values() for action in p._actions for o in action.option_strings}
@@ -35,9 +39,10 @@ def _old_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> str | Non
         flag = token.split("=", 1)[0]
         if not flag.startswith("--") or flag in known:
             continue
-        new = RENAMED.get(flag) or flag.replace("_", "-")
+        new = renamed.get(flag) or flag.replace("_", "-")
         if new in known:
-            return f"{flag} is now spelled {new} (suite commands use --kebab-case flags)"
+            why = "one name per setting" if flag in renamed else "suite commands use --kebab-case flags"
+            return f"{flag} is now spelled {new} ({why})"
     return None
 
 

@@ -108,7 +108,7 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     summary = run_sweep(sweep, ref_dir=demo.reference_dir("featurenet"), out=out_dir,
                         num=int(demo.config["sample"]["num_samples"]), extractor=extractors["featurenet"],
                         pipeline=load_pipeline(ckpt), seed=int(demo.config["seed"]),
-                        tokens_per_pack=int(demo.config["sample"]["tokens_per_pack"]), extra_metrics=extra)
+                        tokens_per_forward=int(demo.config["sample"]["tokens_per_forward"]), extra_metrics=extra)
     print((out_dir / "results.md").read_text())
     print(f"TensorBoard:  tensorboard --logdir {out_dir / 'tb'}")
     return 1 if any(r["status"] == "failed" for r in summary["results"].values()) else 0

@@ -208,7 +208,7 @@ class Demo:
 
     def sample(self, name: str, ckpt: Path) -> dict[str, Path]:
         from nit_lightning.generation.sample_set import SampleRun, run_sample
-        from nit_lightning.generation.settings import SamplerSettings, SweepSetting
+        from nit_lightning.generation.settings import SamplerSettings, SizeSetting
 
         settings = self.config["sample"]
         sampler = SamplerSettings.from_dict(settings["sampler"], where="demo sample.sampler")
@@ -216,8 +216,8 @@ class Demo:
             folder = self.out / "runs" / name / "samples"
             before = len(list(folder.glob("*/done.json"))) if folder.is_dir() else 0
             paths = run_sample(SampleRun(ckpt=str(ckpt), out=str(folder), num_samples=int(settings["num_samples"]),
-                                         settings=[SweepSetting(size, sampler) for size in self.sizes], device="cpu",
-                                         seed=int(self.config["seed"]), tokens_per_pack=int(settings["tokens_per_pack"]),
+                                         settings=[SizeSetting(size, sampler) for size in self.sizes], device="cpu",
+                                         seed=int(self.config["seed"]), tokens_per_forward=int(settings["tokens_per_forward"]),
                                          progress=False))
             info["status"] = "reused" if before == len(self.sizes) else "ran"
         return paths

@@ -17,14 +17,16 @@ from nit_lightning.records.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("evaluate", "ADM-suite metrics of samples (npz arr_0 or PNG folder) vs REF.npz")
+    p = make_parser("evaluate", "ADM-suite metrics of samples (npz arr_0 or PNG folder) vs REF.npz",
+                    renamed={"--dtype": "--feature-dtype"})
     p.add_argument("--samples", required=True, help="ADM npz (arr_0 NHWC uint8) or a folder of PNGs")
     p.add_argument("--ref", required=True, help="reference batch npz (ADM format)")
     p.add_argument("--features", default="inception", help=SPEC_HELP)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="feature network compute dtype")
+    p.add_argument("--feature-dtype", choices=("float32", "float64"), default="float32",
+                   help="compute dtype of the feature network (default float32)")
     p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32",
                    help="precision/recall distance dtype")
     p.add_argument("--allow-size-mismatch", action="store_true",
@@ -58,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out)  # before the work: a bad --out must not lose the result
     extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
-                                       batch_size=args.batch_size, dtype=getattr(torch, args.dtype))
+                                       batch_size=args.batch_size, dtype=getattr(torch, args.feature_dtype))
     result = evaluate_samples(args.samples, args.ref, extractor, batch_size=args.batch_size,
                               pr_dtype=getattr(torch, args.pr_dtype), allow_size_mismatch=args.allow_size_mismatch)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}

@@ -18,7 +18,8 @@ log = logging.getLogger("prepare")
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("prepare", "Images (class sub-folders, or a flat folder + --labels) -> latent shards. Resumable; "
-                               "decoding in --num-workers processes, one codec per rank (torchrun/srun: one per GPU).")
+                               "decoding in --num-workers processes, one codec per rank (torchrun/srun: one per GPU).",
+                    renamed={"--dtype": "--latent-dtype"})
     p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels")
     p.add_argument("--output", required=True, help="shard directory (shards, sidecars, index.json, classes.json)")
     p.add_argument("--mode", default="native", help=MODES_HELP)
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--num-workers", type=int, default=0,
                    help="decode + resize processes feeding this process's codec (0: decode in this process)")
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="storage dtype of latents")
+    p.add_argument("--latent-dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="storage dtype of the latents in the shards (default float16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun/srun) or cuda:N")
     p.add_argument("--batch-size", type=int, default=16,
                    help="codec inputs per call: images of equal size anywhere in a shard (an image + its mirror = 2)")
@@ -54,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = PrepareSettings(
         input=args.input, output=args.output, mode=args.mode, codec=args.codec, codec_dtype=args.codec_dtype,
         labels=args.labels, flip=args.flip, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
-        dtype=args.dtype, device=args.device, prefix=args.prefix, batch_size=args.batch_size, max_area=args.max_area,
+        latent_dtype=args.latent_dtype, device=args.device, prefix=args.prefix, batch_size=args.batch_size, max_area=args.max_area,
     )
     start = time.perf_counter()
     result = run_prepare(settings)

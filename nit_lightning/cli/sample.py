@@ -18,16 +18,17 @@ from nit_lightning.generation.settings import (
     INTEGRATION_DTYPES,
     PRECISIONS,
     SamplerSettings,
-    SweepSetting,
+    SizeSetting,
     load_sweep,
     parse_interval,
 )
 
-SAMPLER_FLAGS = ("method", "steps", "cfg", "interval", "precision", "dtype", "rope_interp_side")
+SAMPLER_FLAGS = ("method", "steps", "cfg", "interval", "precision", "integration_dtype", "rope_interp_side")
+RENAMED = {"--dtype": "--integration-dtype", "--tokens-per-pack": "--tokens-per-forward"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("sample", __doc__)
+    p = make_parser("sample", __doc__, renamed=RENAMED)
     p.add_argument("--ckpt", required=True, help="Lightning .ckpt of NiTModule or official NiT .safetensors")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--sizes", help="pixel sizes HxW, comma-separated, e.g. 256x256,320x960")
@@ -38,16 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "heun = 2·steps−1")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 1 = off)")
     p.add_argument("--interval", default=None, help="guidance interval lo,hi in t (default 0,1)")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=None,
-                   help="model compute: auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16")
-    p.add_argument("--dtype", choices=tuple(INTEGRATION_DTYPES), default=None,
-                   help="sampler integration dtype (default float64)")
+    p.add_argument("--precision", default=None, metavar="{auto," + ",".join(PRECISIONS) + "}",
+                   help="model compute: auto (default: bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, "
+                        "float16")
+    p.add_argument("--integration-dtype", choices=INTEGRATION_DTYPES, default=None,
+                   help="dtype of the sampler's state (default float64)")
     p.add_argument("--rope-interp-side", type=int, default=None,
                    help="interpolate RoPE positions of images whose longer side exceeds this many tokens (SPEC §1.1; "
                         "off by default, as in every published number)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (one sub-folder per size)")
-    p.add_argument("--tokens-per-pack", type=int, default=16384, help="model tokens per forward (CFG counts twice)")
+    p.add_argument("--tokens-per-forward", type=int, default=16384,
+                   help="model tokens per forward pass (CFG's null branch counts twice; default 16384)")
     p.add_argument("--codec", default=None, help="dcae:PATH, tinyae:PATH or pixel:F (default: the checkpoint's)")
     p.add_argument("--rope-layout", choices=("rowcol", "reference"), default=None)
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda, "
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> list[SweepSetting]:
+def settings_from_args(args: argparse.Namespace) -> list[SizeSetting]:
     """--sweep FILE (the file sets the sampler per size) or --sizes with the sampler flags."""
     given = {name: getattr(args, name) for name in SAMPLER_FLAGS if getattr(args, name) is not None}
     if args.sweep:
@@ -72,16 +75,18 @@ def settings_from_args(args: argparse.Namespace) -> list[SweepSetting]:
     if "interval" in given:
         given["interval"] = parse_interval(given["interval"])
     sampler = SamplerSettings.from_dict(given, where="sample flags")
-    return [SweepSetting(size, sampler) for size in parse_sizes(args.sizes)]
+    return [SizeSetting(size, sampler) for size in parse_sizes(args.sizes)]
 
 
 def _run(args: argparse.Namespace) -> int:
     run = SampleRun(ckpt=args.ckpt, out=args.out, settings=settings_from_args(args), num_samples=args.num_samples,
-                    seed=args.seed, tokens_per_pack=args.tokens_per_pack, codec=args.codec, rope_layout=args.rope_layout,
+                    seed=args.seed, tokens_per_forward=args.tokens_per_forward, codec=args.codec, rope_layout=args.rope_layout,
                     device=args.device, save_png=args.save_png, use_ema=not args.live_weights, round=args.round,
                     progress=not args.no_progress)
-    paths = run_sample(run)
-    if distributed.from_environment().is_main:
+    ranks = distributed.from_environment()
+    with distributed.process_group(ranks, distributed.device_for(args.device, ranks.local_rank)):
+        paths = run_sample(run)
+    if ranks.is_main:
         for name, path in paths.items():
             print(f"{name}: {path}")
     return 0

@@ -18,7 +18,8 @@ from nit_lightning.generation.settings import load_sweep
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("sweep", "for each setting of a sweep file: sample (or reuse samples), evaluate against "
-                             "REF_DIR/<HxW>.npz, write results.md/json and TensorBoard scalars")
+                             "REF_DIR/<HxW>.npz, write results.md/json and TensorBoard scalars",
+                    renamed={"--tokens-per-pack": "--tokens-per-forward"})
     p.add_argument("--sweep", required=True, help="experiments/sweeps/resolution.yaml or aspect_ratio.yaml")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint or official safetensors")
     p.add_argument("--ref-dir", required=True, help="folder of reference batches named <HxW>.npz")
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = cuda:LOCAL_RANK when available, else cpu (sampling and features)")
     p.add_argument("--sizes", default=None, help="comma-separated subset of the sweep, e.g. 256x256,512x512")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens-per-pack", type=int, default=16384, help="model tokens per forward (CFG counts twice)")
+    p.add_argument("--tokens-per-forward", type=int, default=16384, help="model tokens per forward (CFG counts twice)")
     p.add_argument("--codec", default=None, help="dcae:PATH / tinyae:PATH / pixel:F (default: the checkpoint's)")
     p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--no-tensorboard", action="store_true")
@@ -46,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         extractor = load_feature_extractor(args.features, device=device)
         pipeline = load_pipeline(args.ckpt, device=device, codec=args.codec)
         summary = run_sweep(sweep, ref_dir=args.ref_dir, out=args.out, num=args.num_samples, extractor=extractor,
-                            pipeline=pipeline, seed=args.seed, tokens_per_pack=args.tokens_per_pack,
+                            pipeline=pipeline, seed=args.seed, tokens_per_forward=args.tokens_per_forward,
                             tb=not args.no_tensorboard, pr_dtype=getattr(torch, args.pr_dtype))
     if "features" in summary:  # rank 0 wrote the table
         print((Path(args.out) / "results.md").read_text())

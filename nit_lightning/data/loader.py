@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.epochs import RankPlan, Source, locate
 from nit_lightning.data.shard_reader import ShardReader, ShardReadError
-from nit_lightning.models.patching import patchify
+from nit_lightning.models.patching import pack_latents
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,9 @@ class PackDataset(IterableDataset):
         kept = [i for i in range(len(ids)) if latents[i] is not None]
         if not kept:
             return None, dropped
-        tokens = [patchify(latents[i].float(), p) for i in kept]  # (h·w/p², C·p·p) each, float32
-        hw = torch.tensor([[latents[i].shape[1] // p, latents[i].shape[2] // p] for i in kept], dtype=torch.long)
+        x, hw = pack_latents([latents[i].float() for i in kept], p)  # (N, C·p·p) float32, (B, 2) token grids
         batch = PackedBatch(
-            x=torch.cat(tokens, dim=0),
+            x=x,
             hw=hw,
             y=torch.tensor([labels[i] for i in kept], dtype=torch.long),
             seqlens=hw[:, 0] * hw[:, 1],

@@ -25,6 +25,7 @@ from nit_lightning.data.shards import (
     sidecar_path,
 )
 from nit_lightning.records import SettingsRecord
+from nit_lightning.records.names import check_dtype_name
 from nit_lightning.records.files import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class PrepareSettings:
     flip: bool = False  # (bytes) also store the latent of the mirrored image
     samples_per_shard: int = 1000  # (bytes) the image -> shard plan
     num_workers: int = 0  # decode + resize processes feeding this process's one codec (0: decode here)
-    dtype: str = "float16"  # (bytes) storage dtype of latents
+    latent_dtype: str = "float16"  # (bytes) storage dtype of the latents (index.json / sidecars: "dtype")
     device: str = "cpu"
     prefix: str = "shard"
     batch_size: int = 16  # codec inputs per call (an image and its mirror count two); equal sizes of a shard
@@ -63,7 +64,7 @@ def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing) ->
     files rewritten in place, cannot resume into shards made from the old ones. The input's path itself is recorded in
     prepare.json but not compared, so that a folder moved with its times (mv, rsync -a) still resumes."""
     return {
-        "codec": codec.describe(), "mode": settings.mode, "dtype": settings.dtype, "flip": settings.flip,
+        "codec": codec.describe(), "mode": settings.mode, "dtype": settings.latent_dtype, "flip": settings.flip,
         "samples_per_shard": settings.samples_per_shard, "max_area": settings.max_area, "prefix": settings.prefix,
         "num_items": len(listing.items), "listing_sha1": listing.digest(), "files_sha1": listing.files_digest(),
     }
@@ -105,8 +106,7 @@ def shard_plan(listing: Listing, samples_per_shard: int) -> list[list[tuple[int,
 
 def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     """Encode this rank's unfinished shards; write index.json when every shard of the plan is complete."""
-    if settings.dtype not in LATENT_DTYPES:
-        raise ValueError(f"--dtype {settings.dtype!r} is not one of {LATENT_DTYPES}")
+    check_dtype_name(settings.latent_dtype, LATENT_DTYPES, "--latent-dtype")
     if settings.samples_per_shard < 1 or settings.batch_size < 1:
         raise ValueError(
             f"samples_per_shard {settings.samples_per_shard} and batch_size {settings.batch_size} must be ≥ 1"
@@ -165,7 +165,7 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
 
     def to_members(decoded, latent, mirror) -> tuple[str, dict[str, bytes], int]:
         key = f"{decoded.index:08d}"
-        members = sample_members(key, latent, decoded.cls, dtype=settings.dtype, latent_flip=mirror, meta=decoded.meta)
+        members = sample_members(key, latent, decoded.cls, dtype=settings.latent_dtype, latent_flip=mirror, meta=decoded.meta)
         return key, members, int(latent.shape[1] * latent.shape[2])
 
     def finish(state: ShardState) -> None:

@@ -22,7 +22,7 @@ from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline
-from nit_lightning.generation.settings import SweepSetting
+from nit_lightning.generation.settings import SizeSetting
 
 NOT_INCEPTION = "features are NOT the FID Inception: numbers are not comparable to published ones"
 
@@ -95,13 +95,13 @@ def evaluate_samples(samples: str | Path, ref_path: str | Path, extractor: Featu
 
 
 @torch.no_grad()
-def sample_feature_stats(pipeline: Pipeline, setting: SweepSetting, extractor: FeatureExtractor, *, num: int,
-                         seed: int = 0, ranks: distributed.Ranks = distributed.Ranks(), tokens_per_pack: int = 16384,
+def sample_feature_stats(pipeline: Pipeline, setting: SizeSetting, extractor: FeatureExtractor, *, num: int,
+                         seed: int = 0, ranks: distributed.Ranks = distributed.Ranks(), tokens_per_forward: int = 16384,
                          device: torch.device | str = "cpu") -> ADMFeatureStats:
     """This rank's share (images rank, rank + world, ...) of a class-balanced set of `num`, as feature statistics."""
     requests = class_balanced(range(ranks.rank, num, ranks.world), setting.size, int(pipeline.net.config.num_classes),
                               seed)
     stats = ADMFeatureStats(extractor.dims["pool"], extractor.dims["spatial"], keep_rows=True).to(device)
-    for batch in generate(pipeline, requests, setting.sampler, tokens_per_pack=tokens_per_pack, device=device):
+    for batch in generate(pipeline, requests, setting.sampler, tokens_per_forward=tokens_per_forward, device=device):
         stats.update({k: v.to(device) for k, v in extractor(torch.stack(batch.images)).items()})
     return stats

@@ -20,18 +20,18 @@ from nit_lightning.evaluation.evaluate import NOT_INCEPTION, evaluate_samples
 from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
-from nit_lightning.generation.settings import Sweep, SweepSetting
+from nit_lightning.generation.settings import Sweep, SizeSetting, upgrade_sampler_record
 from nit_lightning.records import differences, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
-SampleFn = Callable[[SweepSetting, Path], Path]  # (setting, samples folder) -> that setting's ADM npz
+SampleFn = Callable[[SizeSetting, Path], Path]  # (setting, samples folder) -> that setting's ADM npz
 ExtraMetric = Callable[[Path], float]  # a setting's ADM npz -> one number (e.g. a classifier's accuracy)
 
 
 def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, extractor: FeatureExtractor,
               pipeline: Pipeline | None = None, sample_fn: SampleFn | None = None, seed: int = 0,
-              tokens_per_pack: int = 16384, tb: bool = True, pr_dtype: torch.dtype = torch.float32,
+              tokens_per_forward: int = 16384, tb: bool = True, pr_dtype: torch.dtype = torch.float32,
               extra_metrics: dict[str, ExtraMetric] | None = None) -> dict[str, Any]:
     """Sample + evaluate every setting; resumable per setting; a failing setting is reported, the others still run.
 
@@ -44,9 +44,9 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         raise ValueError("run_sweep needs a pipeline to sample with (or a sample_fn)")
     ranks = distributed.current()
     if sample_fn is None:
-        def sample_fn(setting: SweepSetting, samples: Path) -> Path:
+        def sample_fn(setting: SizeSetting, samples: Path) -> Path:
             return write_sample_set(pipeline, setting, samples / setting.name, num=num, seed=seed,
-                                    tokens_per_pack=tokens_per_pack, ranks=ranks, source=pipeline.meta.get("source"))
+                                    tokens_per_forward=tokens_per_forward, ranks=ranks, source=pipeline.meta.get("source"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = pipeline.meta.get("weights_sha256") if pipeline is not None else None
@@ -58,7 +58,10 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
                   "weights_sha256": weights, **({"extra_metrics": sorted(extra_metrics)} if extra_metrics else {})}
         if done_file.is_file():
             previous = read_json(done_file, "sweep result")
-            if not differences(previous.get("config"), config) and previous.get("status") == "ok":
+            recorded = dict(previous.get("config") or {})
+            if isinstance(recorded.get("setting"), dict):  # a result written before one spelling per setting
+                recorded["setting"] = upgrade_sampler_record(recorded["setting"])
+            if not differences(recorded, config) and previous.get("status") == "ok":
                 log.info("sweep %s: reusing the finished result in %s", name, done_file)
                 results[name] = previous
                 continue
@@ -98,7 +101,7 @@ def _fmt(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def results_markdown(summary: dict[str, Any], settings: list[SweepSetting], extra: list[str] | None = None) -> str:
+def results_markdown(summary: dict[str, Any], settings: list[SizeSetting], extra: list[str] | None = None) -> str:
     """A paper-style table: ours, with the published numbers in parentheses; then the `extra` metric columns."""
     extra = list(extra or [])
     lines = [f"# Sweep {summary.get('name') or ''}: {summary['num']} samples per setting", "",

@@ -45,8 +45,8 @@ def class_balanced(indices: Iterable[int], size: tuple[int, int], num_classes: i
 
 
 def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: SamplerSettings, *,
-             tokens_per_pack: int = 16384, device: torch.device | str | None = None) -> Iterator[ImageBatch]:
-    """Sample every request in packs of at most `tokens_per_pack` model tokens (CFG's null branch counts twice).
+             tokens_per_forward: int = 16384, device: torch.device | str | None = None) -> Iterator[ImageBatch]:
+    """Sample every request in packs of at most `tokens_per_forward` model tokens (CFG's null branch counts twice).
 
     Sizes must be multiples of the pipeline's codec factor × patch size; a non-finite image raises NonFiniteSamples.
     """
@@ -64,13 +64,13 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
     device = device if device is not None else next(pipeline.net.parameters()).device
     sampler = sampler.for_device(device)
     packs = [(scale, pack) for scale, group in sorted(groups.items())
-             for pack in plan_sample_packs(group, tokens_per_pack, cfg=sampler.guided)]
+             for pack in plan_sample_packs(group, tokens_per_forward, cfg=sampler.guided)]
     for scale, pack in packs:
         model_fn = pipeline.model_fn(sampler.precision, rope_interp_scale=None if scale == 1.0 else scale)
         x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device,
                            method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
                            cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
-                           dtype=sampler.integration_dtype)
+                           dtype=sampler.state_dtype)
         _check_finite(x_ND, pack, sampler)
         hw = torch.tensor([list(r.hw) for r in pack])
         yield ImageBatch([by_index[r.index] for r in pack], pipeline.decode(x_ND, hw))

@@ -21,6 +21,7 @@ from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
 from nit_lightning.records.checkpoint import CheckpointMeta, ema_weights
+from nit_lightning.records.names import DTYPES, check_dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Pipeline:
     def token_dim(self) -> int:
         return int(self.net.config.token_dim)
 
-    def model_fn(self, precision: str = "fp32", rope_interp_scale: float | None = None) -> "NetModelFn":
+    def model_fn(self, precision: str = "float32", rope_interp_scale: float | None = None) -> "NetModelFn":
         return NetModelFn(self.net, precision, rope_interp_scale)
 
     @torch.no_grad()
@@ -97,9 +98,8 @@ class NetModelFn:
     no host read of hw happens per step; use one NetModelFn per pack.
     """
 
-    def __init__(self, net: NiT, precision: str = "fp32", rope_interp_scale: float | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
+    def __init__(self, net: NiT, precision: str = "float32", rope_interp_scale: float | None = None) -> None:
+        check_dtype_name(precision, PRECISIONS, "precision")
         self.net, self.precision, self.rope_interp_scale = net, precision, rope_interp_scale
         self._cache: list[tuple[torch.Tensor, int, Any]] = []  # (hw, N, PackedMeta); at most 2 live: cond and CFG
 
@@ -114,8 +114,8 @@ class NetModelFn:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
         meta = self._meta(hw, x.shape[0])
         ctx = (
-            torch.autocast(x.device.type, dtype=PRECISIONS[self.precision])
-            if self.precision != "fp32" else contextlib.nullcontext()
+            torch.autocast(x.device.type, dtype=DTYPES[self.precision])
+            if self.precision != "float32" else contextlib.nullcontext()
         )
         with ctx:
             v = self.net(x, t, y, hw, meta=meta)

@@ -24,7 +24,7 @@ from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.sizes import format_size, validate_size
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline, load_pipeline
-from nit_lightning.generation.settings import SweepSetting
+from nit_lightning.generation.settings import SizeSetting, upgrade_sampler_record
 from nit_lightning.records import SettingsRecord, folder_lock, read_json, write_json, write_with
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,14 @@ UINT8_RULE = "clamp(round((x+1)*127.5),0,255), round half to even"
 
 @dataclass
 class SampleRun:
-    """Everything `run_sample` needs: a checkpoint, where to write, and one SweepSetting per size."""
+    """Everything `run_sample` needs: a checkpoint, where to write, and one SizeSetting per size."""
 
     ckpt: str
     out: str
-    settings: list[SweepSetting] = field(default_factory=list)
+    settings: list[SizeSetting] = field(default_factory=list)
     num_samples: int = 50_000  # per size, exactly
     seed: int = 0
-    tokens_per_pack: int = 16384  # model tokens per forward; CFG's null branch counts twice
+    tokens_per_forward: int = 16384  # model tokens per forward; CFG's null branch counts twice
     codec: str | None = None  # "dcae:PATH" / "pixel:F" / "tinyae:PATH"; default: the checkpoint's codec
     rope_layout: str | None = None
     device: str = "auto"  # auto = cuda:LOCAL_RANK when available, else cpu
@@ -52,27 +52,27 @@ class SampleRun:
 
 def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Path]:
     """Load the pipeline once (unless given) and write every size's set; returns {"HxW": npz path}."""
-    if run.num_samples < 1 or run.tokens_per_pack < 1:
-        raise ValueError(f"num_samples ({run.num_samples}) and tokens_per_pack ({run.tokens_per_pack}) must be >= 1")
+    if run.num_samples < 1 or run.tokens_per_forward < 1:
+        raise ValueError(f"num_samples ({run.num_samples}) and tokens_per_forward ({run.tokens_per_forward}) must be >= 1")
     if not run.settings:
         raise ValueError("no sizes to sample: give at least one setting")
-    ranks = distributed.from_environment()
+    ranks = distributed.current()  # the command opened the process group of a multi-rank run (cli/sample.py)
     device = distributed.device_for(run.device, ranks.local_rank)
     # One run per output folder (rank 0 holds the lock for all ranks: they write disjoint images of one set).
-    with distributed.process_group(ranks, device), folder_lock(run.out, "sample", enabled=ranks.is_main):
+    with folder_lock(run.out, "sample", enabled=ranks.is_main):
         pipe = pipeline or load_pipeline(run.ckpt, use_ema=run.use_ema, rope_layout=run.rope_layout, device=device,
                                          codec=run.codec)
         out: dict[str, Path] = {}
         for setting in run.settings:
             setting = dataclasses.replace(setting, size=validate_size(setting.size, pipe.size_multiple, round=run.round))
             out[setting.name] = write_sample_set(pipe, setting, Path(run.out) / setting.name, num=run.num_samples,
-                                                 seed=run.seed, tokens_per_pack=run.tokens_per_pack, ranks=ranks,
+                                                 seed=run.seed, tokens_per_forward=run.tokens_per_forward, ranks=ranks,
                                                  save_png=run.save_png, progress=run.progress, source=run.ckpt)
         return out
 
 
-def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *, num: int, seed: int = 0,
-                     tokens_per_pack: int = 16384, ranks: distributed.Ranks = distributed.Ranks(),
+def write_sample_set(pipeline: Pipeline, setting: SizeSetting, folder: Path, *, num: int, seed: int = 0,
+                     tokens_per_forward: int = 16384, ranks: distributed.Ranks = distributed.Ranks(),
                      save_png: bool = True, progress: bool = False, source: str | None = None) -> Path:
     """Make this rank's missing images of one setting; rank 0 then writes the npz. Returns the npz path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def write_sample_set(pipeline: Pipeline, setting: SweepSetting, folder: Path, *,
     with _progress(progress and ranks.is_main) as bar, ThreadPoolExecutor(max_workers=4) as pool:
         task = bar.add_task(f"{setting.name} {setting.sampler.describe()}", total=len(todo))
         pending: list[Future] = []
-        for batch in generate(pipeline, requests, setting.sampler, tokens_per_pack=tokens_per_pack):
+        for batch in generate(pipeline, requests, setting.sampler, tokens_per_forward=tokens_per_forward):
             for future in pending:
                 future.result()  # re-raises a failed write
             pending = [pool.submit(write_png, image, png_path(folder, r.index))
@@ -133,7 +133,7 @@ INFORMATIONAL = ("source", "weights")  # recorded, but a moved or renamed checkp
 LABELS = {"weights_sha256": "weights_sha256 (another model: other weights)"}
 
 
-def provenance(pipeline: Pipeline, setting: SweepSetting, seed: int, source: str | None) -> SettingsRecord:
+def provenance(pipeline: Pipeline, setting: SizeSetting, seed: int, source: str | None) -> SettingsRecord:
     """What decides every pixel of the set (compared on resume), plus where the weights were read from (recorded)."""
     return SettingsRecord("sample-set", settings={
         "weights_sha256": pipeline.meta.get("weights_sha256"), "sampler": setting.sampler.as_dict(), "seed": seed,
@@ -145,7 +145,13 @@ def provenance(pipeline: Pipeline, setting: SweepSetting, seed: int, source: str
 def check_provenance(folder: Path, record: SettingsRecord, is_main: bool) -> None:
     """Refuse to add images to a folder that another model or other settings started; rank 0 writes the record."""
     record.check(folder / PROVENANCE_NAME, what="samples", labels=LABELS, ignore=set(INFORMATIONAL), write=is_main,
-                 remedy=f"use another --out or delete {folder}")
+                 remedy=f"use another --out or delete {folder}", upgrade=_upgrade)
+
+
+def _upgrade(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A provenance record of an older spelling (sampler `dtype`, precision `fp32`) in today's words."""
+    sampler = recorded.get("sampler")
+    return {**recorded, "sampler": upgrade_sampler_record(sampler)} if isinstance(sampler, dict) else recorded
 
 
 # ---- files -------------------------------------------------------------------------------------------------------

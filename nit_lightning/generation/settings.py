@@ -24,12 +24,21 @@ import torch
 
 from nit_lightning.data.sizes import format_size, parse_size
 from nit_lightning.diffusion.sampling import METHODS
+from nit_lightning.records.names import DTYPES, check_dtype_name, upgrade_dtype_names
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # model compute (autocast)
-AUTO_PRECISION = {"cuda": "bf16"}  # "auto": bf16 autocast on a GPU (tensor cores), fp32 elsewhere
-INTEGRATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}  # the sampler's state
+PRECISIONS = ("float32", "bfloat16", "float16")  # model compute: autocast to this dtype (float32: none)
+AUTO_PRECISION = {"cuda": "bfloat16"}  # "auto": bf16 autocast on a GPU (tensor cores), float32 elsewhere
+INTEGRATION_DTYPES = ("float64", "float32")  # the sampler's state
 KEY_ALIASES = {"cfg": "cfg_scale", "interval": "cfg_interval"}
+RENAMED_KEYS = {"dtype": "integration_dtype"}  # sampler keys renamed when every setting got one spelling
 NOTE_KEYS = ("published", "paper")
+
+
+def upgrade_sampler_record(values: dict[str, Any]) -> dict[str, Any]:
+    """Sampler keys as a record written before one spelling holds them (dtype, fp32/bf16) -> today's spelling. Used
+    on records read from disk only (a resumed sample set, a finished sweep setting); user input is refused instead."""
+    values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
+    return upgrade_dtype_names(values, ("precision", "integration_dtype"))
 
 
 def parse_interval(value: str | Iterable[float]) -> tuple[float, float]:
@@ -52,8 +61,8 @@ class SamplerSettings:
     steps: int = 50  # NFE: euler / sde = steps, heun = 2·steps − 1 (×2 inside the guidance interval)
     cfg_scale: float = 1.0  # 1 = no guidance
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi
-    precision: str = "auto"  # model compute: auto (bf16 on CUDA, else fp32) | fp32 | bf16 | fp16 (autocast)
-    dtype: str = "float64"  # integration dtype of the sampler state
+    precision: str = "auto"  # model compute: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+    integration_dtype: str = "float64"  # dtype of the sampler's state (x, velocities, time steps)
     # SPEC §1.1 linear position interpolation at sampling time (off, as in every published number): an image whose
     # longer side has more than this many tokens gets positions / s, s = its longer side / this (per image size).
     rope_interp_side: int | None = None
@@ -67,10 +76,8 @@ class SamplerSettings:
                              f"{self.method}")
         if not math.isfinite(float(self.cfg_scale)):
             raise ValueError(f"cfg scale {self.cfg_scale} is not a finite number")
-        if self.precision not in (*PRECISIONS, "auto"):
-            raise ValueError(f"precision {self.precision!r} is not one of {['auto', *PRECISIONS]}")
-        if self.dtype not in INTEGRATION_DTYPES:
-            raise ValueError(f"integration dtype {self.dtype!r} is not one of {list(INTEGRATION_DTYPES)}")
+        check_dtype_name(self.precision, ("auto", *PRECISIONS), "precision")
+        check_dtype_name(self.integration_dtype, INTEGRATION_DTYPES, "integration_dtype")
         if self.rope_interp_side is not None and int(self.rope_interp_side) < 1:
             raise ValueError(f"rope_interp_side must be a positive token count or None, got {self.rope_interp_side}")
         object.__setattr__(self, "steps", steps)
@@ -81,7 +88,7 @@ class SamplerSettings:
         """These settings with precision "auto" resolved for the device (what provenance records and the model runs)."""
         if self.precision != "auto":
             return self
-        return dataclasses.replace(self, precision=AUTO_PRECISION.get(torch.device(device).type, "fp32"))
+        return dataclasses.replace(self, precision=AUTO_PRECISION.get(torch.device(device).type, "float32"))
 
     def rope_interp_scale(self, grid: tuple[int, int]) -> float:
         """The position interpolation factor s >= 1 for a token grid (1 = none)."""
@@ -90,8 +97,9 @@ class SamplerSettings:
         return max(1.0, max(grid) / int(self.rope_interp_side))
 
     @property
-    def integration_dtype(self) -> torch.dtype:
-        return INTEGRATION_DTYPES[self.dtype]
+    def state_dtype(self) -> torch.dtype:
+        """The torch dtype of `integration_dtype`."""
+        return DTYPES[self.integration_dtype]
 
     @property
     def guided(self) -> bool:
@@ -113,6 +121,9 @@ class SamplerSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "sampler settings") -> "SamplerSettings":
         """Keys of this class (or their aliases) only; an unknown key is an error naming it."""
+        renamed = sorted(k for k in values if k in RENAMED_KEYS)
+        if renamed:
+            raise ValueError(f"{where}: key {renamed[0]!r} is now spelled {RENAMED_KEYS[renamed[0]]!r}")
         keys = {KEY_ALIASES.get(k, k): v for k, v in values.items()}
         unknown = sorted(set(keys) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -122,7 +133,7 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
-class SweepSetting:
+class SizeSetting:
     """One size and how to sample it, with published numbers to print beside ours."""
 
     size: tuple[int, int]
@@ -142,21 +153,21 @@ class SweepSetting:
 
 
 def setting_from_dict(entry: dict[str, Any], defaults: dict[str, Any] | None = None, *,
-                      where: str = "sweep setting") -> SweepSetting:
+                      where: str = "sweep setting") -> SizeSetting:
     """{size, sampler keys..., published?, paper?} (sampler keys missing from the entry come from `defaults`)."""
     if not isinstance(entry, dict) or "size" not in entry:
         raise ValueError(f"{where}: {entry!r} is not a mapping with a 'size' (e.g. {{size: 320x960, steps: 50}})")
     size = parse_size(entry["size"])
     notes = {k: entry[k] for k in NOTE_KEYS if k in entry}
     sampler = {**(defaults or {}), **{k: v for k, v in entry.items() if k != "size" and k not in NOTE_KEYS}}
-    return SweepSetting(size, SamplerSettings.from_dict(sampler, where=f"{where} {format_size(size)}"), notes)
+    return SizeSetting(size, SamplerSettings.from_dict(sampler, where=f"{where} {format_size(size)}"), notes)
 
 
 @dataclass(frozen=True)
 class Sweep:
     """A named list of settings, one per size (sizes are unique: each has its own output folder)."""
 
-    settings: tuple[SweepSetting, ...]
+    settings: tuple[SizeSetting, ...]
     name: str | None = None
     published_model: str | None = None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from nit_lightning.records.files import json_default, read_json, write_json
 
@@ -110,13 +110,15 @@ class SettingsRecord:
                                    f"({describe_differences(diffs, labels=labels)}); {remedy}")
 
     def check(self, path: str | Path, *, what: str, remedy: str, labels: Mapping[str, str] | None = None,
-              ignore: frozenset[str] | set[str] = frozenset(), write: bool = True) -> bool:
+              ignore: frozenset[str] | set[str] = frozenset(), write: bool = True,
+              upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> bool:
         """Refuse (SettingsMismatch) when `path` records other settings; write this record when there is none (and
-        `write`). Returns True when a matching record was already there (the folder resumes)."""
+        `write`). `upgrade` rewrites a recorded dict of an older spelling first. Returns True when a matching record
+        was already there (the folder resumes)."""
         path = Path(path)
         if path.is_file():
             recorded = SettingsRecord.read(path, self.kind)
-            self.refuse_if_different(recorded.settings, where=f"{path.parent} (see its {path.name})", what=what,
+            self.refuse_if_different(upgrade(recorded.settings) if upgrade else recorded.settings, where=f"{path.parent} (see its {path.name})", what=what,
                                      remedy=remedy, labels=labels, ignore=ignore)
             return True
         if write:

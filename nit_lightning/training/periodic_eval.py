@@ -33,7 +33,7 @@ class EvaluationCallback(SamplingCallback):
     def __init__(self, ref_dir: str, every_n_steps: int = 10000, sweep: str | None = None,
                  settings: Sequence[dict[str, Any]] | None = None, sizes: Sequence[str] | None = None,
                  num_samples: int = 500, features: str = "inception", codec: str | dict | Codec | None = None,
-                 steps: int | None = None, seed: int = 0, tokens_per_pack: int = 16384, at_train_end: bool = True,
+                 steps: int | None = None, seed: int = 0, tokens_per_forward: int = 16384, at_train_end: bool = True,
                  prefix: str = "eval") -> None:
         super().__init__(every_n_steps, at_train_end, codec)
         if num_samples < 2:
@@ -48,7 +48,7 @@ class EvaluationCallback(SamplingCallback):
                 dataclasses.replace(s, sampler=dataclasses.replace(s.sampler, steps=steps)) for s in chosen.settings))
         self.settings = chosen.settings
         self.ref_dir, self.num_samples, self.features = Path(ref_dir), int(num_samples), features
-        self.seed, self.tokens_per_pack, self.prefix = int(seed), int(tokens_per_pack), prefix
+        self.seed, self.tokens_per_forward, self.prefix = int(seed), int(tokens_per_forward), prefix
         self._extractor: FeatureExtractor | None = None
         self._refs: dict[str, tuple[Reference, torch.Tensor]] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
@@ -83,7 +83,7 @@ class EvaluationCallback(SamplingCallback):
         with self.pipeline(trainer, pl_module) as pipe:
             for setting in self.settings:
                 stats = sample_feature_stats(pipe, setting, self._extractor, num=self.num_samples, seed=self.seed,
-                                             ranks=ranks, tokens_per_pack=self.tokens_per_pack, device=device)
+                                             ranks=ranks, tokens_per_forward=self.tokens_per_forward, device=device)
                 synced = stats.compute()  # all ranks take part in the all-reduce / gather
                 if trainer.is_global_zero:
                     ref, ref_pool = self._reference(setting.name, self._extractor)

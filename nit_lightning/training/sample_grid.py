@@ -45,7 +45,7 @@ class SampleGridCallback(SamplingCallback):
         seed: int = 0,
         sampler: SamplerSettings = SamplerSettings(),
         codec: str | dict | Codec | None = None,
-        tokens_per_pack: int = 16384,
+        tokens_per_forward: int = 16384,
         nrow: int | None = None,
         save_dir: str | None = None,
         at_train_end: bool = True,
@@ -55,7 +55,7 @@ class SampleGridCallback(SamplingCallback):
             raise ValueError("classes must list at least one class label (one image per class in every grid)")
         self.sizes = [parse_size(s) for s in sizes]
         self.classes = [int(c) for c in classes]
-        self.seed, self.sampler, self.tokens_per_pack = int(seed), sampler, int(tokens_per_pack)
+        self.seed, self.sampler, self.tokens_per_forward = int(seed), sampler, int(tokens_per_forward)
         self.nrow = int(nrow) if nrow else min(len(self.classes), 8)
         self.save_dir = Path(save_dir) if save_dir else None
         self._said_no_image_logger = False
@@ -81,7 +81,7 @@ class SampleGridCallback(SamplingCallback):
                     for s, size in enumerate(self.sizes) for j, label in enumerate(self.classes)]
         images: dict[int, torch.Tensor] = {}
         with self.pipeline(trainer, pl_module) as pipe:
-            for batch in generate(pipe, requests, self.sampler, tokens_per_pack=self.tokens_per_pack):
+            for batch in generate(pipe, requests, self.sampler, tokens_per_forward=self.tokens_per_forward):
                 images.update({r.index: image for r, image in zip(batch.requests, batch.images)})
         return {format_size(size): make_grid([images[s * n + j] for j in range(n)], self.nrow)
                 for s, size in enumerate(self.sizes)}

@@ -2,7 +2,7 @@
 
 YAML (`trainer.strategy`):
   class_path: nit_lightning.training.strategies.NiTFSDP2Strategy     # FSDP2 `fully_shard` per block
-  init_args: {param_dtype: bf16, reshard_after_forward: true}
+  init_args: {param_dtype: bfloat16, reshard_after_forward: true}
 Use `ShardedEMA` in place of `EMA` with NiTFSDP2Strategy: it keeps the EMA as DTensor shards like the parameters and
 gathers full tensors only when a checkpoint is written.
 """
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from nit_lightning.records.checkpoint import store_ema_weights
+from nit_lightning.records.names import dtype_from_name
 from nit_lightning.training.ema import EMA, unwrap_net
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = "nit_lightning.models.nit.NiTBlock"
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
 
 
 def resolve_class(path: str) -> type[torch.nn.Module]:
@@ -38,13 +37,10 @@ def resolve_class(path: str) -> type[torch.nn.Module]:
     return cls
 
 
-def resolve_dtype(name: str | None) -> torch.dtype | None:
-    """'bf16' / 'fp32' / ... -> torch dtype; None stays None."""
-    if name is None:
-        return None
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+def resolve_dtype(name: str | None, where: str = "dtype",
+                  allowed: tuple[str, ...] = ("bfloat16", "float16", "float32")) -> torch.dtype | None:
+    """'bfloat16' / 'float32' / ... -> torch dtype (old spellings refused naming the new one); None stays None."""
+    return None if name is None else dtype_from_name(name, allowed, where)
 
 
 def _find_net(pl_module: torch.nn.Module) -> torch.nn.Module:
@@ -104,8 +100,8 @@ class NiTFSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         block_class: str = DEFAULT_BLOCK,
-        param_dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
-        reduce_dtype: Literal["bf16", "fp32"] = "fp32",
+        param_dtype: str = "bfloat16",
+        reduce_dtype: str = "float32",
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = False,
         **kwargs: Any,
@@ -113,7 +109,8 @@ class NiTFSDP2Strategy(ModelParallelStrategy):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,  # dp size set in setup_environment
                          save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
         self.block_class = resolve_class(block_class)
-        self.param_dtype, self.reduce_dtype = resolve_dtype(param_dtype), resolve_dtype(reduce_dtype)
+        self.param_dtype = resolve_dtype(param_dtype, "param_dtype")
+        self.reduce_dtype = resolve_dtype(reduce_dtype, "reduce_dtype", ("bfloat16", "float32"))
         self.reshard_after_forward = reshard_after_forward
         self.num_groups = 0
 
