@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# Commands of the suite other than Lightning's: nit_lightning/cli/<name>.py, each with `main(argv) -> int`.
+# Commands of the suite other than Lightning's: nit_lightning/cli/<name>.py (the demo: nit_lightning/demo/command.py,
+# a layer above the commands), each with `main(argv) -> int`.
 # Imported lazily so that `--help` of one command never pays for another's imports.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("nit_lightning.cli.synth", "write a procedural native-resolution image folder"),
@@ -15,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("nit_lightning.cli.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
     "featurenet": ("nit_lightning.cli.featurenet", "train the small demo feature network (Inception stand-in)"),
     "tinyae": ("nit_lightning.cli.tinyae", "train the tiny autoencoder of the tinyae:PATH codec"),
-    "demo": ("nit_lightning.cli.demo", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
+    "demo": ("nit_lightning.demo.command", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

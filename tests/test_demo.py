@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nit_lightning.cli.demo import load_config, run_demo
-from nit_lightning.cli.demo_report import size_kind
-from nit_lightning.cli.demo_steps import Demo, fill
+from nit_lightning.demo.config import fill, load_config
+from nit_lightning.demo.report import size_kind
+from nit_lightning.demo.run import run_demo
+from nit_lightning.demo.steps import Demo
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEMO, QUICK = EXPERIMENTS / "demo.yaml", EXPERIMENTS / "demo_quick.yaml"
@@ -55,7 +56,7 @@ def test_size_kinds_relative_to_the_training_sides(tmp_path):
 
 
 def test_demo_command_reports_bad_settings_with_exit_code_2(tmp_path, capsys):
-    from nit_lightning.cli.demo import main
+    from nit_lightning.demo.command import main
 
     assert main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)]) == 2
     assert "nope.yaml" in capsys.readouterr().err
@@ -106,7 +107,7 @@ def test_rerun_reuses_every_finished_step(quick_ablation):
 
 @pytest.mark.slow
 def test_demo_scale_sweep_on_the_trained_model(quick_ablation, tmp_path):
-    from nit_lightning.cli.demo import main
+    from nit_lightning.demo.command import main
 
     out, _ = quick_ablation
     sweep = tmp_path / "sweep.yaml"

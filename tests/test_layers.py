@@ -1,11 +1,12 @@
 """The package's folders are the data flow: every import points down the layers (lazy imports inside functions too).
 
-    cli            argv -> settings -> one library call (and the demo, a thin script over the library)
+    demo           the CPU end-to-end demo, over the commands and the library
+    cli            argv -> settings -> one library call
     training       LightningModule, EMA, callbacks (the sample-grid and evaluation callbacks call generation)
     evaluation     Inception, metrics, references, sweeps (sweeps sample through generation)
     generation     checkpoint -> pipeline -> images (sample sets, sampler and sweep settings)
     data, diffusion    shards, codecs, packing, datamodule | flow-matching loss, samplers
-    models, distributed    pure torch network | who-am-I for the commands
+    models, distributed, records    pure torch network | who-am-I for the commands | the contracts between stages
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nit_lightning"
 LAYERS = {"records": 0, "models": 0, "distributed": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
-          "cli": 5, "__main__": 6, "__init__": 0}
+          "cli": 5, "demo": 6, "__main__": 7, "__init__": 0}
 
 
 def part_of(module: str) -> str:
@@ -61,7 +62,8 @@ def test_no_upward_imports():
     assert not upward, "imports that do not point down the layers:\n" + "\n".join(upward)
 
 
-@pytest.mark.parametrize("package", ["models", "data", "diffusion", "generation", "evaluation", "training", "cli"])
+@pytest.mark.parametrize("package", ["records", "models", "data", "diffusion", "generation", "evaluation", "training",
+                                     "cli", "demo"])
 def test_each_folder_says_what_lives_there(package):
     doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
     assert doc and len(doc) > 40, f"nit_lightning/{package}/__init__.py needs a docstring saying what lives there"

@@ -1,4 +1,4 @@
-"""`python -m nit_lightning demo`: the CPU end-to-end demo, driven by one config file (experiments/demo.yaml).
+"""The CPU end-to-end demo, driven by one config file (experiments/demo.yaml): run it, or a demo-scale sweep.
 
 Steps, each skipped when its outputs exist (a rerun resumes): synthetic images -> the codec (a tinyae trained here, or
 a fixed one) -> latent shards -> the demo's feature net and shape classifier -> reference statistics -> per run: fit
@@ -9,51 +9,12 @@ without a CKPT. Every value lives in the config; this file only fills in `${out}
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nit_lightning.cli import demo_report as report
-from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import run_command
-from nit_lightning.cli.demo_steps import Demo, accuracy_metrics
-
-SECTIONS = ("seed", "threads", "images", "codec", "shards", "runs", "ablation", "fit", "sample", "evaluate")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("demo", __doc__)
-    p.add_argument("--config", default="experiments/demo.yaml", help="the demo's config (default experiments/demo.yaml)")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--ablation", action="store_true", help="train every data mixture of the config, for each seed")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the config's)")
-    p.add_argument("--sweep", default=None, help="a demo-scale sweep file: sample + evaluate the trained demo model")
-    return p
-
-
-# ---- the config ---------------------------------------------------------------------------------------------------
-def load_config(path: str | Path) -> dict[str, Any]:
-    """The YAML, with `extends: OTHER.yaml` resolved (this file's keys merged over the other's, recursively)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config {str(path)!r} not found; run from the repository root or pass --config")
-    config = yaml.safe_load(path.read_text()) or {}
-    base = config.pop("extends", None)
-    if base is not None:
-        config = _merge(load_config(path.parent / base), config)
-    unknown, missing = sorted(set(config) - set(SECTIONS)), sorted(set(SECTIONS) - set(config))
-    if unknown or missing:
-        raise ValueError(f"demo config {path}: unknown sections {unknown}, missing sections {missing}")
-    return config
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+from nit_lightning.demo import report
+from nit_lightning.demo.steps import Demo, accuracy_metrics
+from nit_lightning.records import folder_lock
 
 
 def run_demo(config: dict[str, Any], out: str | Path, *, ablation: bool = False, threads: int | None = None) -> dict:
@@ -62,6 +23,11 @@ def run_demo(config: dict[str, Any], out: str | Path, *, ablation: bool = False,
 
     demo = Demo(config, out, ablation=ablation)
     torch.set_num_threads(int(threads or demo.config["threads"]))
+    with folder_lock(demo.out, "demo"):  # one demo per output folder
+        return _run_steps(demo)
+
+
+def _run_steps(demo: Demo) -> dict:
     demo.check_settings()
     report.banner(demo)
     demo.make_images()
@@ -112,17 +78,3 @@ def run_demo_sweep(config: dict[str, Any], out: str | Path, sweep_path: str, thr
     print((out_dir / "results.md").read_text())
     print(f"TensorBoard:  tensorboard --logdir {out_dir / 'tb'}")
     return 1 if any(r["status"] == "failed" for r in summary["results"].values()) else 0
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    config = load_config(args.config)
-    if args.sweep:
-        return run_demo_sweep(config, args.out, args.sweep, args.threads)
-    run_demo(config, args.out, ablation=args.ablation, threads=args.threads)
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    return run_command(build_parser(), _run, argv)

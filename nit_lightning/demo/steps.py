@@ -9,27 +9,14 @@ from typing import Any
 
 import yaml
 
-from nit_lightning.cli import demo_report as report
 from nit_lightning.cli.lightning import run_cli
 from nit_lightning.data.sizes import parse_size
+from nit_lightning.demo import report
+from nit_lightning.demo.config import fill
 from nit_lightning.records import SettingsRecord, read_json, write_json, write_text
 
 INCEPTION_ENV = "NIT_INCEPTION_WEIGHTS"  # a local pt_inception-2015-12-05-6726825d.pth adds Inception metrics
 RUN_FLAGS = ("threads",)  # may change between a run and its resume: they decide speed, not results
-
-
-def fill(value: Any, **names: Any) -> Any:
-    """Replace "${name}" in every string of a nested config; a string that is exactly "${name}" takes its value."""
-    if isinstance(value, dict):
-        return {k: fill(v, **names) for k, v in value.items()}
-    if isinstance(value, list):
-        return [fill(v, **names) for v in value]
-    if isinstance(value, str):
-        for name, replacement in names.items():
-            if value == f"${{{name}}}":
-                return replacement
-            value = value.replace(f"${{{name}}}", str(replacement))
-    return value
 
 
 def accuracy_metrics(featurenet: Any, shape: Path) -> dict[str, Callable[[Path], float]]:

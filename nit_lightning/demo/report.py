@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from nit_lightning.records import read_json, write_json, write_text
 from nit_lightning.data.sizes import format_size, parse_size
+from nit_lightning.records import read_json, write_json, write_text
 
 if TYPE_CHECKING:
-    from nit_lightning.cli.demo_steps import Demo
+    from nit_lightning.demo.steps import Demo
 
 FEATURE_LABELS = {"featurenet": "feature net: demo CNN, not Inception", "inception": "Inception-v3 (FID network)"}
 METRICS = (("fid", "FID ↓", 2), ("sfid", "sFID ↓", 2), ("is", "IS ↑", 2), ("precision", "Prec ↑", 3),
