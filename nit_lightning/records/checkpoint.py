@@ -149,14 +149,6 @@ def store_ema_weights(checkpoint: dict[str, Any], state: Mapping[str, Any]) -> N
     checkpoint[EMA_KEY] = dict(state)
 
 
-def data_of(header: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The training data's inputs of a checkpoint header (either format), without building the whole record."""
-    meta = header.get(META_KEY) or {}
-    if "version" in meta:
-        return meta.get("data")
-    return (header.get(LEGACY_INPUTS_KEY) or {}).get("data")
-
-
 META_FIELDS = tuple(f.name for f in fields(CheckpointMeta))
-__all__ = ["CheckpointMeta", "EMA_KEY", "META_KEY", "META_FIELDS", "anchor_paths", "data_of", "ema_weights",
+__all__ = ["CheckpointMeta", "EMA_KEY", "META_KEY", "META_FIELDS", "anchor_paths", "ema_weights",
            "locate_paths", "store_ema_weights"]

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from nit_lightning import records
-from nit_lightning.records.checkpoint import META_KEY, data_of
+from nit_lightning.records.checkpoint import META_KEY, CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,10 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[st
     header = read_checkpoint_header(ckpt_path)
     step = int(header["global_step"])
     saved_hparams = dict(header.get("hyper_parameters") or {})
-    meta = header.get(META_KEY) or {}
+    meta = CheckpointMeta.from_checkpoint(header, ckpt_path) if META_KEY in header else None
     net_now = getattr(getattr(model, "net", None), "config", None)
-    if meta.get("net_config") and net_now is not None:
-        net = differences(meta["net_config"], asdict(net_now), skip=NET_RUNTIME)
+    if meta is not None and net_now is not None:
+        net = differences(meta.net_config, asdict(net_now), skip=NET_RUNTIME)
     else:  # not a NiT checkpoint of ours: the raw `net` dicts are all there is
         net = differences(saved_hparams, dict(model.hparams), skip=frozenset(saved_hparams) - {"net"})
     hparams = differences(saved_hparams, dict(model.hparams), skip=NOT_HPARAMS | RUN_SETTINGS)
@@ -81,7 +81,7 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[st
                     describe(changed_run, "model."))
     if rank_zero_only.rank != 0:
         return
-    saved_data = data_of(header)
+    saved_data = meta.data if meta is not None else None
     changed = differences(saved_data, data) if saved_data is not None and data is not None else {}
     if changed:
         log.warning(
