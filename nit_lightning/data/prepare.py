@@ -24,7 +24,7 @@ from nit_lightning.data.shards import (
     shard_is_complete,
     sidecar_path,
 )
-from nit_lightning.records import SettingsRecord
+from nit_lightning.records import SettingsRecord, folder_lock
 from nit_lightning.records.names import check_dtype_name
 from nit_lightning.records.files import read_json, write_json
 
@@ -112,7 +112,6 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
             f"samples_per_shard {settings.samples_per_shard} and batch_size {settings.batch_size} must be ≥ 1"
         )
     ranks = distributed.from_environment()
-    rank, world = ranks.rank, ranks.world
     settings.device = str(distributed.device_for(settings.device, ranks.local_rank))
     codec = codec_from_spec(settings.codec, settings.codec_dtype, settings.device)
     parse_mode(settings.mode, codec.factor)  # a bad mode fails before any work
@@ -130,6 +129,14 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
             f"no usable images in {settings.input} "
             f"({len(listing.skipped)} skipped, {len(listing.ignored)} non-image files)"
         )
+    # One prepare run per output folder: a second one would write shards of other settings beside these (rank 0 holds
+    # the lock for the ranks of its own run, which write disjoint shards).
+    with folder_lock(settings.output, "prepare", enabled=ranks.is_main):
+        return _prepare(settings, codec, listing, ranks)
+
+
+def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: distributed.Ranks) -> dict[str, Any]:
+    rank, world = ranks.rank, ranks.world
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint_of(settings, codec, listing)
