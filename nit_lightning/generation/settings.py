@@ -14,7 +14,6 @@ Anything else is an error: a misspelt key must not silently fall back to a defau
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from nit_lightning.data.sizes import format_size, parse_size
 from nit_lightning.diffusion.sampling import METHODS
+from nit_lightning.records.files import read_json
 from nit_lightning.records.names import DTYPES, check_dtype_name, upgrade_dtype_names
 
 PRECISIONS = ("float32", "bfloat16", "float16")  # model compute: autocast to this dtype (float32: none)
@@ -197,11 +197,17 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {str(path)!r} does not exist (see experiments/sweeps/)")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        data = read_json(path, "sweep file")
     else:
         import yaml
 
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:  # one line naming the file and the place, not a parser traceback
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"sweep file {str(path)!r} is not valid YAML{where}: "
+                             f"{getattr(error, 'problem', None) or error}") from error
     if isinstance(data, list):
         data = {"settings": data}
     if not isinstance(data, dict) or not isinstance(data.get("settings"), list) or not data["settings"]:
