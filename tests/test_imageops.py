@@ -85,3 +85,51 @@ def test_float_tiff_outside_0_1_is_refused_not_guessed(tmp_path, values, detail)
     with pytest.raises(BadImage, match=detail) as error:
         load_rgb(tmp_path / "odd.tif")
     assert error.value.reason == "unsupported-pixels"
+
+
+def unusual_files(folder: Path) -> list[Path]:
+    """One file of each kind that decoders disagree on: EXIF-rotated JPEG, 16-bit grey PNG, transparent RGBA PNG,
+    palette PNG with a transparent index, CMYK JPEG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gradient = np.linspace(0, 255, 48 * 32 * 3).reshape(32, 48, 3).astype(np.uint8)
+    rotated = Image.fromarray(gradient)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise
+    rotated.save(folder / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray((np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)).save(folder / "grey16.png")
+    rgba = np.zeros((32, 48, 4), np.uint8)
+    rgba[..., 0], rgba[:, :24, 3] = 200, 255  # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    palette = Image.fromarray((np.arange(32 * 48).reshape(32, 48) % 4).astype(np.uint8), "P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 9, 9] + [0] * 756)
+    palette.save(folder / "palette.png", transparency=3)
+    Image.new("CMYK", (48, 32), (0, 255, 255, 0)).save(folder / "cmyk.jpg", quality=95)
+    return sorted(folder.iterdir())
+
+
+def test_every_reader_decodes_images_as_prepare_does(tmp_path):
+    """reference build, the tiny autoencoder and the demo classifiers read images like prepare: EXIF orientation, 16-bit
+    ÷257, alpha and palette transparency on white, CMYK. Before, they ignored EXIF, clipped 16-bit grey to 255 and turned
+    transparency black."""
+    from nit_lightning.data.imageops import image_to_tensor, open_rgb, read_rgb
+    from nit_lightning.data.tinyae import _load_images
+    from nit_lightning.evaluation.classifiers import _load_uint8
+    from nit_lightning.evaluation.reference import fit_to_size
+
+    for path in unusual_files(tmp_path / "odd"):
+        expected = np.asarray(load_rgb(path)[0])
+        assert np.array_equal(np.asarray(open_rgb(path)), expected), path.name
+        assert np.array_equal(read_rgb(path), expected), path.name
+        assert np.array_equal(_load_uint8(path).permute(1, 2, 0).numpy(), expected), path.name
+        assert torch_equal(_load_images([path])[0], image_to_tensor(Image.fromarray(expected))), path.name
+        height, width = expected.shape[:2]
+        assert np.array_equal(fit_to_size(open_rgb(path), height, width), expected), path.name
+    assert np.asarray(open_rgb(tmp_path / "odd" / "rotated.jpg")).shape == (48, 32, 3)  # rotated by its EXIF tag
+    assert np.asarray(open_rgb(tmp_path / "odd" / "grey16.png")).max() < 255  # ÷257, not clipped at 255
+    assert np.asarray(open_rgb(tmp_path / "odd" / "alpha.png"))[0, -1].tolist() == [255, 255, 255]  # on white
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

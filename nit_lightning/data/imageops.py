@@ -230,12 +230,13 @@ def load_rgb(path: str | Path) -> tuple[Image.Image, list[str]]:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """A fully decoded RGB image (no EXIF rotation, no conversion report); a broken file is a BadImage naming it."""
+    """A fully decoded RGB image, decoded exactly as `prepare` decodes it (`load_rgb`: EXIF orientation, 16-bit ÷257,
+    alpha on white, palette, CMYK), so references, the tiny autoencoder and the demo classifiers see the pixels the
+    training data was made from. A broken file is a BadImage naming it."""
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")  # convert decodes: truncated or corrupt data fails here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise BadImage("unreadable", f"{path}: {type(error).__name__}: {error}") from error
+        return load_rgb(path)[0]
+    except BadImage as error:
+        raise BadImage(error.reason, f"{path}: {error.detail}") from error
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -28,8 +28,10 @@ def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str
         raise FileNotFoundError(f"no images under {str(root)!r}/<class>/ (make some with `python -m nit_lightning synth`)")
     return [Path(root) / rel for rel, _ in listing.items], [label for _, label in listing.items], listing.classes
 
+
 def _load_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1)
+
 
 def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10, size: int = 64,
                      batch_size: int = 64, lr: float = 2e-3, seed: int = 0, val_fraction: float = 0.1,
