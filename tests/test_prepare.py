@@ -432,3 +432,22 @@ def test_bench_runs_both_paths_and_checks_their_bytes(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 6 and all(line.endswith("| yes |") for line in table[1:])  # header + 5 runs, same bytes
+
+
+def test_a_class_folder_that_is_a_link_is_followed_and_a_link_loop_is_counted(tmp_path):
+    """Before, a linked class folder was listed in classes.json while none of its images was counted."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere" / "dogs"
+    (root / "cats").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    for folder, n in ((root / "cats", 2), (elsewhere, 3)):
+        for i in range(n):
+            Image.new("RGB", (64, 32), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (root / "dogs").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cats" / "again").symlink_to(root, target_is_directory=True)  # a loop: images/cats/again -> images
+    listing = list_labelled_images(root)
+    assert listing.classes == ["cats", "dogs"]
+    assert [rel for rel, _ in listing.items] == ["cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png", "dogs/2.png"]
+    assert [(s["source"], s["reason"]) for s in listing.skipped] == [("cats/again", "symlink-loop")]
+    result = run_prepare(_settings(root, tmp_path / "out"))
+    counts = result["index"]["counts"]
+    assert result["index"]["num_samples"] == 5 and counts["skipped"] == {"symlink-loop": 1}

@@ -41,9 +41,28 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def sorted_files(directory: Path) -> list[Path]:
-    """All files under a directory, sorted by their POSIX relative path (never listdir order)."""
-    return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix())
+def sorted_files(directory: Path, loops: list[str] | None = None) -> list[Path]:
+    """All files under a directory, sorted by their POSIX relative path (never listdir order). Links to directories
+    are followed like directories (a class folder may be a link); a link back to a folder it lies in would list
+    forever: it is left out, and its relative path appended to `loops` when given."""
+    found: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                stat = entry.stat()  # follows the link: the real folder
+                real = (stat.st_dev, stat.st_ino)
+                if real in ancestors:
+                    if loops is not None:
+                        loops.append(entry.relative_to(directory).as_posix())
+                    continue
+                walk(entry, ancestors | {real})
+            elif entry.is_file():
+                found.append(entry)
+
+    root = directory.stat()
+    walk(directory, frozenset({(root.st_dev, root.st_ino)}))
+    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
 
 
 def read_labels(labels_file: str | Path) -> dict[str, str]:
@@ -68,8 +87,10 @@ def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None =
     root = Path(input_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} is not a directory")
-    files = sorted_files(root)
-    skipped: list[dict[str, str]] = []
+    loops: list[str] = []
+    files = sorted_files(root, loops)
+    skipped: list[dict[str, str]] = [{"source": rel, "reason": "symlink-loop", "detail": "a link to a folder that "
+                                      "contains it; its files are listed through the folder itself"} for rel in loops]
     ignored = [p.relative_to(root).as_posix() for p in files if not is_image(p)]
     images = [p for p in files if is_image(p)]
     if labels_file is not None:
