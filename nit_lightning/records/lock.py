@@ -4,7 +4,8 @@
 {pid, host, started, command, process start time}. A second run into the same folder stops at once with one message
 naming the holder and what to do. A lock whose process is dead (same host: no such pid, or the pid now belongs to a
 process started later) is stale: it is moved aside atomically, so of two runs that find it stale only one takes over.
-A lock held from another host cannot be checked from here; the message says how to remove it by hand.
+A lock held from another host cannot be checked from here (the message says how to remove it by hand), except the lock
+of an earlier run of the same SLURM job (a requeued job may come back on another node).
 """
 from __future__ import annotations
 
@@ -49,7 +50,17 @@ def _alive(pid: int) -> bool:
 def holder_record(what: str) -> dict[str, Any]:
     pid = os.getpid()
     return {"pid": pid, "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "what": what, "command": " ".join(sys.argv)[:300], "process_start": _process_start(pid)}
+            "what": what, "command": " ".join(sys.argv)[:300], "process_start": _process_start(pid),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def is_mine(holder: dict[str, Any]) -> bool:
+    """This very process (a lock left by a run that failed earlier in the same interpreter), or an earlier incarnation
+    of this SLURM job (a requeued job runs once at a time: the lock of its previous run, on any node, is stale)."""
+    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+        return True
+    job = os.environ.get("SLURM_JOB_ID")
+    return job is not None and holder.get("slurm_job") == job
 
 
 def holder_is_alive(holder: dict[str, Any]) -> bool | None:
@@ -90,7 +101,7 @@ def acquire(folder: str | Path, what: str) -> Path:
             holder = _read_holder(path)
             if holder is None:
                 continue  # released between our two calls: try again
-            alive = holder_is_alive(holder)
+            alive = False if is_mine(holder) else holder_is_alive(holder)
             if alive is False:
                 aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
                 with contextlib.suppress(FileNotFoundError):  # another run moved it first: it goes on to race us

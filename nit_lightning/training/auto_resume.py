@@ -22,6 +22,7 @@ from nit_lightning.training.checkpoints import (
     repair_checkpoint_dir,
     scan_checkpoints,
 )
+from nit_lightning.training.run_lock import lock_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,14 @@ def auto_resume_for_cli(cli: Any, check: Callable[[str], None] | None = None) ->
     `check(path)` vets the checkpoint to resume from before the directory is repaired (the CLI: provenance checks).
     """
     config = cli.config_init["fit"] if "fit" in cli.config_init else cli.config_init
+    ckpt_dir = pin_checkpoint_dir(cli.trainer, os.environ.get("NIT_CKPT_DIR") or None)
+    # One fit per checkpoint directory, held from here (before anything in it is repaired) to the end of the fit.
+    lock_run_folder(cli.trainer, ckpt_dir, enabled=_is_launch_rank_zero())
     if os.environ.get("NIT_AUTO_RESUME", "1") == "0":
-        pin_checkpoint_dir(cli.trainer, os.environ.get("NIT_CKPT_DIR") or None)
         log.info("NIT_AUTO_RESUME=0: auto-resume off, ckpt_path=%r", config.get("ckpt_path"))
         if check is not None and config.get("ckpt_path") and Path(config.get("ckpt_path")).exists():
             check(config.get("ckpt_path"))
         return config.get("ckpt_path")
-    ckpt_dir = pin_checkpoint_dir(cli.trainer, os.environ.get("NIT_CKPT_DIR") or None)
     asked = config.get("ckpt_path")
     resolved = apply_auto_resume(asked, ckpt_dir, extra_dirs=[cli.trainer.default_root_dir],
                                  fresh_start=os.environ.get(FRESH_START_ENV, "0") == "1",
