@@ -101,3 +101,19 @@ def test_validate_says_which_config_values_the_checkpoint_replaces(finished, tmp
     with caplog.at_level(logging.WARNING):
         assert main(args) == 0  # the checkpoint's depth-2 model is evaluated, and that is said
     assert "replace the config's model.net: checkpoint {'name': 'NiT-debug', 'num_classes': 10}" in caplog.text
+
+
+def test_resuming_onto_re_prepared_data_warns_loudly_and_restarts_the_epoch(tmp_path, monkeypatch, caplog):
+    """Shards prepared again at the same path from other images: the path is the same, the data is not. Before, the
+    resume was silent and the saved data position was applied to another plan."""
+    shards = write_latent_shards(tmp_path / "shards", num_samples=12)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    assert main(fit_args(shards, max_steps=2)) == 0
+    shutil.rmtree(shards)
+    write_latent_shards(shards, num_samples=12, seed=5)  # same folder, other data
+    with caplog.at_level(logging.WARNING):
+        assert main(fit_args(shards, max_steps=3)) == 0
+    assert "CHANGED INPUTS" in caplog.text and "data.content: checkpoint {" in caplog.text
+    assert "restarts from its first pack" in caplog.text  # the old position means nothing in the new data

@@ -10,6 +10,7 @@ import lightning as L
 from nit_lightning import distributed
 from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
 from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader
+from nit_lightning.data.shards import content_fingerprint
 from nit_lightning.records import plain
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,13 @@ class NativeLatentDataModule(L.LightningDataModule):
             "tokens_per_pack": self.tokens_per_pack, "max_images_per_pack": self.max_images_per_pack,
             "buffer_size": self.buffer_size, "seed": self.seed, "flip_prob": self.flip_prob,
             "patch_size": self.patch_size, "packs_per_epoch": self.packs_per_epoch,
-            "max_skipped_fraction": self.max_skipped_fraction,
+            "max_skipped_fraction": self.max_skipped_fraction, "content": self.content(),
         }
+
+    def content(self) -> dict[str, str]:
+        """{source path: content fingerprint of its shards} (data/shards.py): the data's identity, not its address."""
+        return {str(source.path.resolve()): source.index.get("content_sha256") or content_fingerprint(source.index)
+                for source in self._sources["train"]}
 
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:
@@ -214,14 +220,18 @@ class NativeLatentDataModule(L.LightningDataModule):
             "tokens_per_pack": self.tokens_per_pack,
             "max_images_per_pack": self.max_images_per_pack,
             "buffer_size": self.buffer_size,
+            "content": self.content(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at (epoch, packs_consumed); a changed seed/world/budget cannot resume mid-epoch: warn, restart it."""
         _, world = self.rank_world()
         now = {"seed": self.seed, "world_size": world, "tokens_per_pack": self.tokens_per_pack,
-               "max_images_per_pack": self.max_images_per_pack, "buffer_size": self.buffer_size}  # fmt: skip
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+               "max_images_per_pack": self.max_images_per_pack, "buffer_size": self.buffer_size,
+               "content": self.content()}  # fmt: skip
+        # A state saved before the content was recorded cannot be compared on it: the other keys still are.
+        changed = {k: (state.get(k), v) for k, v in now.items()
+                   if state.get(k) != v and (k in state or k != "content")}
         epoch, consumed = int(state["epoch"]), int(state["packs_consumed"])
         if changed and consumed:
             log.warning(

@@ -10,6 +10,7 @@ packer can plan packs from lengths alone. `index.json` merges the sidecars and a
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -135,15 +136,34 @@ def decode_sample(key: str, members: dict[str, bytes]) -> LatentSample:
     return LatentSample(key=key, latent=latent, latent_flip=flip, cls=cls, meta=meta)
 
 
+class _HashingFile:
+    """A file opened for writing that also hashes what goes through it: a shard's content digest costs no re-read."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle, self.sha256 = open(path, "wb"), hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class ShardWriter:
-    """Writes one shard atomically: members go to this process's temporary file, renamed on close; the sidecar last."""
+    """Writes one shard atomically: members go to this process's temporary file, renamed on close; the sidecar last.
+    The sidecar records the tar's sha256 (`sha256`): what the data's identity in a checkpoint is made of."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.suffix != ".tar":
             raise ValueError(f"shard path must end in .tar, got {self.path}")
         self.tmp_path = temporary_path(self.path)  # this process's own name: two runs never share a half tar
-        self._tar = tarfile.open(self.tmp_path, "w")
+        self._file = _HashingFile(self.tmp_path)
+        self._tar = tarfile.open(fileobj=self._file, mode="w")
         self.keys: list[str] = []
         self.lengths: list[int] = []
 
@@ -162,11 +182,14 @@ class ShardWriter:
         (a full disk), the temporary file is removed and the error raised: the shard stays unfinished, a rerun redoes it."""
         try:
             self._tar.close()
+            self._file.close()
             commit(self.tmp_path, self.path)
         except BaseException:
+            self._file.close()
             self.tmp_path.unlink(missing_ok=True)
             raise
-        sidecar = {"name": self.path.name, "num_samples": len(self.keys), "keys": self.keys, "lengths": self.lengths}
+        sidecar = {"name": self.path.name, "num_samples": len(self.keys), "keys": self.keys, "lengths": self.lengths,
+                   "sha256": self._file.sha256.hexdigest()}
         sidecar.update(extra or {})
         write_json(sidecar_path(self.path), sidecar, sort_keys=True)  # last: a tar without its sidecar counts as unfinished
         return sidecar
@@ -178,6 +201,7 @@ class ShardWriter:
         except OSError:
             pass
         finally:
+            self._file.close()
             self.tmp_path.unlink(missing_ok=True)
 
 
@@ -208,11 +232,20 @@ def build_index(
         "num_samples": sum(shard["num_samples"] for shard in shards),
         "num_shards": len(shards),
         "length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
-        "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths")} for shard in shards],
+        "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths", "sha256") if k in shard} for shard in shards],
     }
+    index["content_sha256"] = content_fingerprint(index)
     index.update(settings or {})
     write_json(directory / INDEX_NAME, index, sort_keys=True)
     return index
+
+
+def content_fingerprint(index: dict[str, Any]) -> str:
+    """The identity of a shard folder's data: sha256 over every shard's name, sample count, token lengths and (when
+    its sidecar has one) the sha256 of its bytes. The same shards give the same value wherever they lie; shards made
+    again from other images, or with other settings, give another."""
+    rows = [[s["name"], s["num_samples"], s["lengths"], s.get("sha256")] for s in index.get("shards", [])]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def load_index(directory: str | Path) -> dict[str, Any]:
