@@ -273,3 +273,32 @@ def test_bf16_clipping_works_with_the_fused_optimizer_and_equals_clip_grad_norm(
     assert module._gradient_scaler() is fp16.scaler
     with pytest.raises(RuntimeError, match="fused"):  # with a scaler, Lightning's own check stands
         module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+
+
+def test_skipped_steps_are_bounded_and_an_all_skipped_run_fails(tmp_path, monkeypatch):
+    """Before: on_nonfinite=skip with every step non-finite exited 0 ("max_steps reached") with untrained weights."""
+    from nit_lightning.cli.lightning import main
+    from nit_lightning.data.shards import ShardWriter, build_index, sample_members
+    from nit_lightning.training.nonfinite import NonFinitePolicy, TooManySkippedSteps
+
+    policy = NonFinitePolicy("skip", max_fraction=0.5)
+    for _ in range(5):  # 5 of max_steps=10 may be skipped
+        policy.handle(float("nan"), "step", [], taken=0, max_steps=10)
+    with pytest.raises(TooManySkippedSteps, match="6 steps were skipped .*max_skipped_steps_fraction=0.5 of "
+                                                  "trainer.max_steps=10"):
+        policy.handle(float("nan"), "step", [], taken=0, max_steps=10)
+    unbounded = NonFinitePolicy("skip", max_fraction=0.01)
+    unbounded.handle(float("nan"), "step", [], taken=50, max_steps=-1)  # too few steps to judge a fraction
+
+    shards = tmp_path / "nan"
+    shards.mkdir()
+    writer = ShardWriter(shards / "shard-000000.tar")
+    for i in range(8):
+        latent = torch.full((12, 4, 4), float("nan"))
+        writer.write(f"s{i}", sample_members(f"s{i}", latent, 0, latent_flip=latent), 16)
+    writer.close()
+    build_index(shards, {"codec": PixelCodec(2).describe(), "latent_channels": 12})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TooManySkippedSteps, match="the run is not training"):  # a failed run: exit 1, traceback
+        main(fit_args(shards, max_steps=4) + ["--model.on_nonfinite", "skip"])
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing that looks like a trained model

@@ -1,11 +1,38 @@
-"""REPA frozen encoder: a local torch module giving one feature row per latent token, called by the training step."""
+"""REPA: the block it aligns after, and the frozen encoder (a local torch module giving one feature row per latent token,
+called by the training step)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Block after which REPA aligns hidden states, per preset (SPEC §3: S/B 4, L 6, XL/XXL 8).
+REPA_LAYER_BY_PRESET = {"NiT-S": 4, "NiT-B": 4, "NiT-L": 6, "NiT-XL": 8, "NiT-XXL": 8}
+
+
+def repa_layer_for(net: torch.nn.Module, preset: str, weight: float, layer: int | None) -> int | None:
+    """The block REPA aligns after (None when REPA is off); with REPA off, the net's projector is frozen (unused
+    parameters would make DDP fail: "did not receive gradients")."""
+    if weight <= 0:
+        if net.projector is not None:
+            net.projector.requires_grad_(False)
+            log.info("REPA is off (repa_weight=0): the net's projector is frozen and not trained")
+        return None
+    if net.projector is None:
+        raise ValueError("REPA is on (repa_weight > 0) but the net has no projector: set model.net.projector_dim "
+                         "to the encoder's feature size (e.g. 1280 for RADIO-v2.5-H)")
+    if layer is None:
+        layer = REPA_LAYER_BY_PRESET.get(preset)
+        if layer is None:
+            raise ValueError(f"no default REPA layer for {preset!r}: set model.repa_layer")
+    if not 1 <= layer <= net.config.depth:
+        raise ValueError(f"repa_layer={layer} is outside 1..depth={net.config.depth}")
+    return layer
 
 
 class LocalTorchEncoder:

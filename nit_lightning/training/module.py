@@ -14,13 +14,11 @@ from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.records import CheckpointMeta
 from nit_lightning.training.checkpoints import checkpoint_dir_of
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
-from nit_lightning.training.optim import adamw_with_schedule
+from nit_lightning.training.encoders import repa_layer_for
+from nit_lightning.training.nonfinite import NonFinitePolicy
+from nit_lightning.training.optim import adamw_with_schedule, clip_unscaled_gradients
 
 log = logging.getLogger(__name__)
-
-# Block after which REPA aligns hidden states, per preset (SPEC §3: S/B 4, L 6, XL/XXL 8).
-REPA_LAYER_BY_PRESET = {"NiT-S": 4, "NiT-B": 4, "NiT-L": 6, "NiT-XL": 8, "NiT-XXL": 8}
-
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0, stream: str = "train") -> int:
     """A 63-bit seed from (seed, rank, optimiser step, micro-batch): every rank and step draws different noise."""
@@ -37,7 +35,8 @@ class NiTModule(LightningModule):
             (or filling in) `net["in_channels"]`.
         P_mean, P_std, direction_weight, reduction: FlowMatchingLoss settings (SPEC §3).
         on_nonfinite: "raise" (default) stops with the step and batch keys on a NaN/Inf loss; "skip" skips the
-            optimiser step loudly and counts it (single process only).
+            optimiser step loudly and counts it (single process only), until more than max_skipped_steps_fraction
+            of trainer.max_steps were skipped: then the run stops (training/nonfinite.py).
         label_dropout: probability of replacing a label by the null class in the training step (CFG training).
         lr, betas, weight_decay, eps: AdamW (SPEC §6); never scaled by the GPU count.
         warmup_steps: optional linear warm-up of the lr over that many optimiser steps, constant after.
@@ -63,6 +62,7 @@ class NiTModule(LightningModule):
         direction_weight: float = 1.0,
         reduction: Literal["token", "image"] = "token",
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        max_skipped_steps_fraction: float = 0.01,
         label_dropout: float = 0.1,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -99,8 +99,6 @@ class NiTModule(LightningModule):
             net["in_channels"] = int(latent_channels)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not lr > 0:
@@ -113,27 +111,14 @@ class NiTModule(LightningModule):
 
         self.repa_encoder_path = repa_encoder
         self._repa_encoder = None
-        if repa_weight > 0:
-            if self.net.projector is None:
-                raise ValueError("REPA is on (repa_weight > 0) but the net has no projector: set model.net.projector_dim "
-                                 "to the encoder's feature size (e.g. 1280 for RADIO-v2.5-H)")
-            if repa_layer is None:
-                repa_layer = REPA_LAYER_BY_PRESET.get(self.hparams["net"]["name"])
-                if repa_layer is None:
-                    raise ValueError(f"no default REPA layer for {self.hparams['net']['name']!r}: set model.repa_layer")
-            if not 1 <= repa_layer <= self.net.config.depth:
-                raise ValueError(f"repa_layer={repa_layer} is outside 1..depth={self.net.config.depth}")
-        elif self.net.projector is not None:
-            # Unused parameters would make DDP fail ("did not receive gradients"): freeze them and say so.
-            self.net.projector.requires_grad_(False)
-            log.info("REPA is off (repa_weight=0): the net's projector is frozen and not trained")
         self.loss_fn = FlowMatchingLoss(
             P_mean=P_mean, P_std=P_std, direction_weight=direction_weight, reduction=reduction,
-            repa_weight=repa_weight, repa_layer=repa_layer if repa_weight > 0 else None,
+            repa_weight=repa_weight, repa_layer=repa_layer_for(self.net, self.hparams["net"]["name"], repa_weight,
+                                                              repa_layer),
             on_nonfinite="report",  # the module decides: raise with step and keys, or skip loudly
             patch_size=self.net.config.patch_size,  # the direction term is a cosine per latent pixel
         )
-        self.skipped_steps = 0
+        self.nonfinite = NonFinitePolicy(on_nonfinite, max_skipped_steps_fraction)
         self._configured = False
         if init_from is not None:
             from nit_lightning.models.official import load_official_checkpoint
@@ -192,19 +177,10 @@ class NiTModule(LightningModule):
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip as Lightning's precision plugin would, also for the fused AdamW on CUDA.
-
-        Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes the optimizer unscales fp16
-        gradients itself). bf16-mixed has no gradient scaler, so the gradients are already unscaled and clipping them
-        here is exact; with a scaler (fp16) Lightning's own path runs (and configure_optimizers does not fuse).
-        """
+        """Clip as Lightning's precision plugin would, also for the fused AdamW on CUDA (training/optim.py)."""
         if self._gradient_scaler() is not None or not gradient_clip_val:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        clip_unscaled_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
@@ -233,8 +209,9 @@ class NiTModule(LightningModule):
         if self._repa_encoder is None:
             from nit_lightning.training.encoders import load_repa_encoder
 
-            dm = getattr(self.trainer, "datamodule", None)
-            self._repa_encoder = load_repa_encoder(self.repa_encoder_path, codec=getattr(dm, "codec_description", None),
+            dm = self.trainer.datamodule
+            codec = dm.codec_description if isinstance(dm, NativeLatentDataModule) else None
+            self._repa_encoder = load_repa_encoder(self.repa_encoder_path, codec=codec,
                                                    patch_size=self.net.config.patch_size, device=self.device)
         return self._repa_encoder(batch.x, batch.hw)
 
@@ -249,16 +226,10 @@ class NiTModule(LightningModule):
         out = self._loss(batch, y, generator)
         loss = out.loss
         if not bool(torch.isfinite(loss)):  # the one host sync of the step: needed to raise or skip before backward
-            where = f"step {self.global_step} (batch {batch_idx}, rank {self.global_rank})"
-            keys = list(batch.keys)[:20]
-            if self.hparams.on_nonfinite == "raise":
-                raise FloatingPointError(
-                    f"non-finite loss {loss.detach().cpu().item()} at {where}; batch keys {keys}. Look at those samples "
-                    "or lower the lr; model.on_nonfinite=skip skips such steps instead (one process only)"
-                )
-            self.skipped_steps += 1
-            log.warning("skipping %s: non-finite loss %s, batch keys %s (%d skipped so far)",
-                        where, loss.detach().cpu().item(), keys, self.skipped_steps)
+            max_steps = int(getattr(self._trainer, "max_steps", -1) or -1) if self._trainer is not None else -1
+            self.nonfinite.handle(loss.detach().cpu().item(), f"step {self.global_step} (batch {batch_idx}, rank "
+                                  f"{self.global_rank})", list(batch.keys)[:20], taken=self.global_step,
+                                  max_steps=max_steps)
             self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
             return None
         B = batch.num_images
@@ -308,7 +279,12 @@ class NiTModule(LightningModule):
         self.checkpoint_meta().store(checkpoint, where)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = CheckpointMeta.from_checkpoint(checkpoint).skipped_steps
+        self.nonfinite.skipped = CheckpointMeta.from_checkpoint(checkpoint).skipped_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps skipped for a non-finite loss so far (on_nonfinite=skip), resumed with the run."""
+        return self.nonfinite.skipped
 
 
 def _checkpointed(forward: Any) -> Any:

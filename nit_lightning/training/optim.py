@@ -36,3 +36,17 @@ def adamw_with_schedule(params: Iterable[torch.nn.Parameter], hparams: Mapping[s
                      floor=float(hparams.get("lr_min_ratio", 0.0)))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def clip_unscaled_gradients(optimizer: Any, value: float, algorithm: str | None) -> None:
+    """Clip the gradients of `optimizer`'s parameters as Lightning's precision plugin would, without its refusal.
+
+    Lightning's AMP plugin refuses any clipping with a fused optimizer (it assumes the optimizer unscales fp16 gradients
+    itself), so the fused AdamW on CUDA with `gradient_clip_val` failed at the first step. Without a gradient scaler
+    (bf16-mixed, fp32) the gradients are unscaled, and clipping them here is exact: this is the plugin's own call.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)
