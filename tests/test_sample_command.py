@@ -269,3 +269,17 @@ def test_temporary_files_are_per_process(ckpt, tmp_path):
     assert main(argv) == 0
     assert all(path.read_bytes() == b"another process is writing this" for path in foreign)
     assert np.load(folder / "samples_2x8x8x3.npz")["arr_0"].shape == (2, 8, 8, 3)
+
+
+def test_a_codec_passed_by_hand_must_be_the_recorded_one(tmp_path):
+    """Before: a codec of another kind with the same channel count was taken without a word (the images are noise)."""
+    from nit_lightning.data.tinyae import TinyAE, TinyAEConfig, save_tinyae
+
+    ckpt = write_lightning_checkpoint(tmp_path / "a.ckpt", random_debug_net())  # trained on pixel:2 (12 channels)
+    torch.manual_seed(1)
+    save_tinyae(TinyAE(TinyAEConfig(latent_channels=12, factor=2, width=8, blocks=0)), tmp_path / "ae.pt",
+                scaling_factor=1.0, report={})
+    with pytest.raises(ValueError, match=r"--codec tinyae is not the codec .*a.ckpt was trained with \(.*type 'pixel' "
+                                         r"-> 'tinyae'"):
+        load_pipeline(ckpt, codec=f"tinyae:{tmp_path / 'ae.pt'}")
+    assert load_pipeline(ckpt, codec="pixel:2").codec.describe() == PixelCodec(2).describe()  # the same one: fine

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nit_lightning.records import describe_differences, differences
+
 DEFAULT_DCAE_ID = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 CODEC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CODEC_SPEC_HELP = ("pixel:F (lossless space-to-depth, F pixels per side), dcae:PATH_OR_ID (DC-AE, local weights) or "
@@ -189,6 +191,23 @@ class TinyAECodec(Codec):
             "latent_channels": self.latent_channels,
             "scaling_factor": self.scaling_factor,
         }
+
+
+# Where a codec's weights are read from and its compute dtype: they may differ between training and sampling; every
+# other key of a description (type, factor, channels, scaling factor, a file's sha256) decides the latents' meaning.
+LOCATION_KEYS = frozenset({"path", "dtype"})
+
+
+def check_same_codec(given: Codec, recorded: dict[str, Any] | None, trained: str) -> None:
+    """A codec passed by hand must be the one `trained` recorded (only its path and dtype may differ): another kind with
+    the same channel count decodes the latents into noise, and a different tinyae file into wrong colours."""
+    if recorded is None:
+        return
+    diffs = differences(recorded, given.describe(), ignore=LOCATION_KEYS)
+    if diffs:
+        raise ValueError(f"--codec {given.describe().get('type')} is not the codec {trained} was trained with "
+                         f"({describe_differences(diffs)}); pass that codec (only its path or dtype may differ), or "
+                         "leave --codec out to use the recorded one")
 
 
 def codec_from_description(description: dict[str, Any], device: str | torch.device = "cpu") -> Codec:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from nit_lightning.data.codecs import Codec, resolve_codec
+from nit_lightning.data.codecs import Codec, check_same_codec, resolve_codec
 from nit_lightning.generation.settings import PRECISIONS
 from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
@@ -213,6 +213,8 @@ def load_pipeline(
             f"codec {the_codec.describe()} makes {the_codec.latent_channels}-channel latents but the net expects "
             f"in_channels={net.config.in_channels}; pass the codec the model was trained with"
         )
+    if codec is not None:
+        check_same_codec(the_codec, record.codec, str(path))
     net = net.to(device).eval().requires_grad_(False)
     loaded.update(codec=the_codec.describe(), codec_from=codec_from, weights_sha256=weights_digest(net))
     return Pipeline(net=net, codec=the_codec, record=record, meta=loaded)
