@@ -12,11 +12,9 @@ import os
 import sys
 from typing import Callable
 
-from nit_lightning.records import FolderBusy
 
 # Errors a user can fix from the message alone (a missing file, a bad value, a full disk): no traceback for these.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError,
-               FolderBusy)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, KeyError)
 # Flags renamed when the commands got one style; the underscore forms of every flag are caught without a list.
 RENAMED = {"--num": "--num-samples", "--settings": "--sizes"}
 
@@ -46,6 +44,19 @@ def _old_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> str | Non
     return None
 
 
+def is_user_error(error: BaseException, extra: tuple[type[BaseException], ...] = ()) -> bool:
+    """An error the message alone lets a user fix: USER_ERRORS, `extra`, or a class that says so (`user_error = True`:
+    a folder held by another run, a pack that does not fit in memory)."""
+    return isinstance(error, USER_ERRORS + extra) or bool(getattr(error, "user_error", False))
+
+
+def user_error_line(prog: str, error: BaseException) -> str:
+    """`<prog>: error: <message>` on one line (a KeyError's quotes dropped, line breaks folded)."""
+    message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(error).__name__
+    return f"{prog}: error: {message}"
+
+
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
                 argv: list[str]) -> int:
     """Parse argv (old spellings refused), run, and turn a user error into `<prog>: error: <message>`, exit 2."""
@@ -56,11 +67,10 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(run(args) or 0)
-    except USER_ERRORS as error:
-        if os.environ.get("NIT_TRACEBACK"):
+    except Exception as error:
+        if not is_user_error(error) or os.environ.get("NIT_TRACEBACK"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        print(user_error_line(parser.prog, error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from nit_lightning.cli.common import USER_ERRORS
+from nit_lightning.cli.common import is_user_error, user_error_line
 from nit_lightning.training.module import NiTModule
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,11 @@ class NiTCLI(LightningCLI):
             return
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
+            from nit_lightning.training.checkpoints import read_checkpoint_header
             from nit_lightning.training.provenance import describe, differences, saved_hparams
+
+            # a truncated or damaged file: one line, before Lightning reads it (evaluating needs the weights only)
+            read_checkpoint_header(ckpt_path, required=("state_dict",))
 
             replaced = differences(saved_hparams(ckpt_path), self.config[subcommand].get("model") or {},
                                    skip=frozenset({"latent_channels", "_instantiator", "_class_path"}))
@@ -97,6 +101,7 @@ class NiTCLI(LightningCLI):
         if not config.get("ckpt_path") and not (config.get("model") or {}).get("init_from"):
             raise ValueError(f"`{self.subcommand}` needs --ckpt_path (the checkpoint whose EMA weights to evaluate) or "
                              "--model.init_from (official weights); without either the model has random weights")
+
 
     def before_validate(self) -> None:
         self._require_weights()
@@ -131,7 +136,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from nit_lightning.training.checkpoints import CorruptCheckpointError
 
     # MisconfigurationException: Lightning's "this Trainer setup cannot work" (two progress bars, a bad device count)
-    return (*USER_ERRORS, CorruptCheckpointError, MisconfigurationException)
+    return (CorruptCheckpointError, MisconfigurationException)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: stopped by SIGTERM outside training (setup, validation, test, predict); nothing was saved",
               file=sys.stderr)
         return EXIT_SIGTERM
-    except _user_errors() as error:
-        if os.environ.get("NIT_TRACEBACK"):
+    except Exception as error:
+        if not is_user_error(error, _user_errors()) or os.environ.get("NIT_TRACEBACK"):
             raise
-        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-        message = " ".join(line.strip() for line in message.splitlines() if line.strip()) or type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(user_error_line(prog, error), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -56,8 +56,8 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         done_file = out / name / "result.json"
         config = {"setting": setting.as_dict(), "num": num, "seed": seed, "features": extractor.name,
                   "weights_sha256": weights, **({"extra_metrics": sorted(extra_metrics)} if extra_metrics else {})}
-        if done_file.is_file():
-            previous = read_json(done_file, "sweep result")
+        previous = _finished(done_file)
+        if previous is not None:
             recorded = dict(previous.get("config") or {})
             if isinstance(recorded.get("setting"), dict):  # a result written before one spelling per setting
                 recorded["setting"] = upgrade_sampler_record(recorded["setting"])
@@ -95,6 +95,17 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
     if tb:
         _log_tensorboard(out / "tb", results, METRIC_KEYS + tuple(extra_metrics))
     return summary
+
+
+def _finished(done_file: Path) -> dict[str, Any] | None:
+    """A setting's earlier result, or None: none yet, or a damaged file (said, and the setting is done again)."""
+    if not done_file.is_file():
+        return None
+    try:
+        return read_json(done_file, "sweep result")
+    except ValueError as error:
+        log.warning("%s; the setting is evaluated again", error)
+        return None
 
 
 def _fmt(value: Any, digits: int) -> str:

@@ -67,13 +67,41 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
              for pack in plan_sample_packs(group, tokens_per_forward, cfg=sampler.guided)]
     for scale, pack in packs:
         model_fn = pipeline.model_fn(sampler.precision, rope_interp_scale=None if scale == 1.0 else scale)
-        x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device,
-                           method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
-                           cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
-                           dtype=sampler.state_dtype)
+        try:
+            x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device,
+                               method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
+                               cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
+                               dtype=sampler.state_dtype)
+        except (MemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            raise _out_of_memory(pack, sampler, tokens_per_forward, device) from error
         _check_finite(x_ND, pack, sampler)
         hw = torch.tensor([list(r.hw) for r in pack])
         yield ImageBatch([by_index[r.index] for r in pack], pipeline.decode(x_ND, hw))
+
+
+class SamplingOutOfMemory(MemoryError):
+    """A pack did not fit in memory: the message says which budget to lower."""
+
+    user_error = True  # one line for the user (cli/common.py)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's "can't allocate memory"."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _out_of_memory(pack: Sequence[SampleRequest], sampler: SamplerSettings, budget: int, device) -> MemoryError:
+    tokens = sum(r.tokens for r in pack) * (2 if sampler.guided else 1)
+    largest = max(r.tokens for r in pack) * (2 if sampler.guided else 1)
+    what = (f"lower --tokens-per-forward (now {budget}; down to {largest}, one image of this size)"
+            if len(pack) > 1 else "one image of this size alone does not fit: sample a smaller size")
+    return SamplingOutOfMemory(
+        f"out of memory on {device} sampling a pack of {len(pack)} images ({tokens} model tokens"
+        f"{', CFG doubles each' if sampler.guided else ''}, token grid {format_size(pack[0].hw)}): {what}, or use "
+        "a device with more memory")
 
 
 def _grid(size: tuple[int, int], multiple: int) -> tuple[int, int]:
@@ -95,5 +123,5 @@ def _check_finite(x_ND: torch.Tensor, pack: Sequence[SampleRequest], sampler: Sa
     raise NonFiniteSamples(
         f"{len(bad)} of {len(pack)} images of this pack came out NaN/Inf (indices {bad[:10]}{' ...' if len(bad) > 10 else ''}"
         f", token grid {size}) with {sampler.describe()}, precision {sampler.precision}: check the checkpoint's weights, "
-        "lower the cfg scale or use precision fp32"
+        "lower the cfg scale or use precision float32"
     )

@@ -27,6 +27,8 @@ LOCK_NAME = ".nit-lock"
 class FolderBusy(RuntimeError):
     """Another live run holds the folder."""
 
+    user_error = True  # one line for the user (cli/common.py): it names the holder and what to do
+
 
 def _process_start(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks since boot; Linux), to tell a live holder from a reused pid."""
@@ -91,11 +93,11 @@ def _read_holder(path: Path) -> dict[str, Any] | None:
 def acquire(folder: str | Path, what: str) -> Path:
     """Take `folder`'s lock for this process (creating the folder); FolderBusy when a live run holds it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     record = json.dumps(holder_record(what), indent=1).encode()
     for _ in range(3):
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_holder(path)
@@ -112,6 +114,9 @@ def acquire(folder: str | Path, what: str) -> Path:
             where = ("" if alive else f" on another host; if that run is gone, delete {path}")
             raise FolderBusy(f"{folder} is in use by {_describe(holder)}{where}: two runs writing one folder would "
                              "mix their files; wait for it to finish, stop it, or use another output folder")
+        except OSError as error:  # a read-only file system or folder: found before any work, not after it
+            raise PermissionError(f"cannot write in the output folder {folder} ({error.strerror}); choose a folder "
+                                  "you can write to") from error
         with os.fdopen(fd, "wb") as handle:
             handle.write(record)
         return path

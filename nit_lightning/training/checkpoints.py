@@ -47,8 +47,10 @@ def _priority(path: Path) -> int:
     return 2 if _HPC_NAME.match(path.name) else 1
 
 
-def read_checkpoint_header(path: str | Path, *, weights_only: bool = True) -> dict[str, Any]:
-    """Load a checkpoint memory-mapped (only the pickle is read) and check Lightning's resume keys; returns it."""
+def read_checkpoint_header(path: str | Path, *, weights_only: bool = True,
+                           required: Sequence[str] = REQUIRED_KEYS) -> dict[str, Any]:
+    """Load a checkpoint memory-mapped (only the pickle is read) and check Lightning's resume keys (or `required`:
+    evaluating needs weights only); returns it."""
     path = Path(path)
     try:
         if path.is_dir():  # a sharded (FSDP/distributed) checkpoint: Lightning keeps the non-tensor part in meta.pt
@@ -64,7 +66,7 @@ def read_checkpoint_header(path: str | Path, *, weights_only: bool = True) -> di
         raise CorruptCheckpointError(f"checkpoint {path} does not load: {type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):
         raise CorruptCheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    missing = [key for key in required if key not in checkpoint]
     if missing:
         raise CorruptCheckpointError(f"checkpoint {path} lacks {missing}: it is not a resumable Lightning checkpoint")
     return checkpoint
