@@ -283,3 +283,18 @@ def test_a_codec_passed_by_hand_must_be_the_recorded_one(tmp_path):
                                          r"-> 'tinyae'"):
         load_pipeline(ckpt, codec=f"tinyae:{tmp_path / 'ae.pt'}")
     assert load_pipeline(ckpt, codec="pixel:2").codec.describe() == PixelCodec(2).describe()  # the same one: fine
+
+
+def test_a_sample_folder_of_the_format_before_records_still_resumes(ckpt, tmp_path):
+    """provenance.json written before records (a flat dict; sampler `dtype`, precision `fp32`) is read in today's words."""
+    import json
+
+    out = tmp_path / "samples"
+    assert main(_argv(ckpt, out)) == 0
+    path = out / "8x8" / "provenance.json"
+    record = SettingsRecord.read(path, "sample-set")
+    sampler = dict(record.settings["sampler"])
+    sampler["dtype"], sampler["precision"] = sampler.pop("integration_dtype"), "fp32"
+    path.write_text(json.dumps({**record.settings, "sampler": sampler, **record.info}))
+    (out / "8x8" / "000003.png").unlink()
+    assert main(_argv(ckpt, out)) == 0 and (out / "8x8" / "000003.png").exists()
