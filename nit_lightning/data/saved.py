@@ -1,5 +1,5 @@
-"""Small model files of the suite (tinyae codec, demo classifiers): a dict of plain values and tensors, written
-atomically, read without pickle, refused with one clear error when it is not what the caller expects."""
+"""Small model files of the suite (tinyae codec, tiny text encoder, demo classifiers): a dict of plain values and
+tensors, written atomically, read without pickle, refused with one clear error when it is not what the caller expects."""
 from __future__ import annotations
 
 import hashlib
@@ -40,3 +40,15 @@ def load_payload(path: str | Path, *, kind: str, version_key: str, version: int,
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (which weights a description or a feature name refers to)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def files_sha256(root: str | Path, names: list[str], chunk: int = 1 << 24) -> str:
+    """sha256 over (name, bytes) of several files of a folder in sorted name order, read in chunks (model folders hold
+    gigabytes of weights): which model folder a description refers to."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0")
+        with open(Path(root) / name, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

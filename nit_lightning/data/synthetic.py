@@ -101,19 +101,36 @@ def _shape_mask(family: str, u: np.ndarray, v: np.ndarray, long_is_w: bool, phas
     return np.clip(0.5 - d * 20, 0, 1).astype(np.float32)  # edge about 1/20 of the half-canvas wide
 
 
-def render(k: int, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """One (H, W, 3) uint8 image of class k: background + noise, the class shape in the class colour, fine texture."""
+def canvas(hw: tuple[int, int], rng: np.random.Generator, size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(U, V) shape coordinates of an H×W canvas, each (H, W): the object spans `size` of each side, jittered ±10% in
+    scale and position (coordinates follow the canvas, so the object keeps its share of any aspect ratio)."""
     h, w = hw
-    style = class_style(k)
-    # Coordinates follow the canvas: the object spans a fixed fraction of each side, jittered by ±10%.
-    scale = rng.uniform(0.9, 1.1)
+    scale = rng.uniform(0.9, 1.1) * size
     cu, cv = rng.uniform(-0.1, 0.1, size=2)
     u = ((np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1 - cu) / scale
     v = ((np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1 - cv) / scale
-    U, V = np.meshgrid(u, v)  # (H, W)
-    mask = _shape_mask(style["family"], U, V, w >= h, float(rng.uniform(0, 2 * math.pi)))
+    return np.meshgrid(u, v)  # (H, W) each
+
+
+def family_mask(family: str, U: np.ndarray, V: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Soft (H, W) mask of one shape family on a canvas, with a random phase (stripes, checker)."""
+    return _shape_mask(family, U, V, U.shape[1] >= U.shape[0], float(rng.uniform(0, 2 * math.pi)))
+
+
+def render(k: int, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """One (H, W, 3) uint8 image of class k: background + noise, the class shape in the class colour, fine texture."""
+    style = class_style(k)
+    U, V = canvas(hw, rng)
+    mask = family_mask(style["family"], U, V, rng)
     hue = (style["hue"] + rng.uniform(-0.03, 0.03)) % 1.0
     fg = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.7, 1.0)), dtype=np.float32)
+    return paint(mask, fg, U, V, rng)
+
+
+def paint(mask: np.ndarray, fg: np.ndarray, U: np.ndarray, V: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8: a dark, shaded, random background, the masked object in `fg` (RGB in [0, 1]) with a fine
+    texture, and per-pixel noise everywhere."""
+    h, w = mask.shape
     bg = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.3), rng.uniform(0.05, 0.45)), dtype=np.float32)
     # Low-frequency background shading: a random plane, so that no two backgrounds are flat copies.
     gx, gy = rng.uniform(-0.15, 0.15, size=2)

@@ -80,12 +80,14 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return backend
 
 
-def _doc_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """(N,) image index of every token, from cu_seqlens, without a host sync."""
+def doc_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """(N,) image index of every token, from cu_seqlens, without a host sync (empty segments own no token: right=True
+    skips them)."""
     return torch.searchsorted(cu_seqlens.to(torch.long), torch.arange(n, device=cu_seqlens.device), right=True) - 1
 
 
-def _cached(cache: dict[str, Any] | None, key: str, make: Callable[[], Any]) -> Any:
+def cached(cache: dict[str, Any] | None, key: str, make: Callable[[], Any]) -> Any:
+    """cache[key], made by `make` on first use: one mask per pack, shared by every block."""
     if cache is None:
         return make()
     if key not in cache and torch.compiler.is_compiling():
@@ -105,23 +107,11 @@ def _attn_varlen(q, k, v, cu, max_seqlen, **_):
     return _torch_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen)
 
 
-def _attn_flex(q, k, v, cu, max_seqlen, cache=None, **_):
+def run_flex(q_NHD: torch.Tensor, k_MHD: torch.Tensor, v_MHD: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention over packed (tokens, H, Dh) tensors: compiled on CUDA (the fused kernel), eager on the CPU."""
     global _compiled_flex
-    n = q.shape[0]
-
-    def make_mask():
-        doc = _doc_ids(cu, n)
-
-        def same_image(b, h, qi, ki):
-            return doc[qi] == doc[ki]
-
-        # Compiled on CUDA so the N×N mask is never materialised (65536² bools would be 4 GiB).
-        cuda = q.device.type == "cuda"
-        return _create_block_mask(same_image, None, None, n, n, device=q.device, _compile=cuda)
-
-    block_mask = _cached(cache, "flex_block_mask", make_mask)
-    qf, kf, vf = (t.transpose(0, 1)[None] for t in (q, k, v))  # (N, H, Dh) -> (1, H, N, Dh)
-    if q.device.type == "cuda":  # eager flex materialises scores; compiled flex is the fused kernel
+    qf, kf, vf = (t.transpose(0, 1)[None] for t in (q_NHD, k_MHD, v_MHD))  # (N, H, Dh) -> (1, H, N, Dh)
+    if q_NHD.device.type == "cuda":  # eager flex materialises scores; compiled flex is the fused kernel
         if _compiled_flex is None:
             _compiled_flex = torch.compile(_flex_attention, dynamic=True)
         out = _compiled_flex(qf, kf, vf, block_mask=block_mask)
@@ -132,9 +122,27 @@ def _attn_flex(q, k, v, cu, max_seqlen, cache=None, **_):
     return out[0].transpose(0, 1)
 
 
-def equal_length_runs(seqlens: list[int]) -> list[tuple[int, int]]:
-    """Consecutive images of equal length as (count, length) runs: [64, 64, 64, 100] -> [(3, 64), (1, 100)]."""
-    runs: list[tuple[int, int]] = []
+def _attn_flex(q, k, v, cu, max_seqlen, cache=None, **_):
+    n = q.shape[0]
+
+    def make_mask():
+        doc = doc_ids(cu, n)
+
+        def same_image(b, h, qi, ki):
+            return doc[qi] == doc[ki]
+
+        # Compiled on CUDA so the N×N mask is never materialised (65536² bools would be 4 GiB).
+        cuda = q.device.type == "cuda"
+        return _create_block_mask(same_image, None, None, n, n, device=q.device, _compile=cuda)
+
+    return run_flex(q, k, v, cached(cache, "flex_block_mask", make_mask))
+
+
+def equal_length_runs(seqlens: list) -> list[tuple]:
+    """Consecutive images of equal length as (count, length) runs: [64, 64, 64, 100] -> [(3, 64), (1, 100)].
+
+    Lengths may be tuples: cross-attention batches images whose (image length, caption length) pairs are equal."""
+    runs: list[tuple] = []
     for length in seqlens:
         if runs and runs[-1][1] == length:
             runs[-1] = (runs[-1][0] + 1, length)
@@ -148,7 +156,7 @@ def _attn_loop(q, k, v, cu, max_seqlen, seqlens=None, cache=None, **_):
         seqlens = torch.diff(cu).tolist()
     # A run of equal-length images is one batched SDPA call on a free view: a fixed-256 pack (128 × 64 tokens)
     # is 1 call per block instead of 128.
-    runs = _cached(cache, "loop_runs", lambda: equal_length_runs(seqlens))
+    runs = cached(cache, "loop_runs", lambda: equal_length_runs(seqlens))
     outs = []
     sizes = [count * length for count, length in runs]
     for (count, length), qi, ki, vi in zip(runs, q.split(sizes), k.split(sizes), v.split(sizes)):
@@ -163,10 +171,10 @@ def _attn_sdpa_mask(q, k, v, cu, max_seqlen, cache=None, **_):
     n = q.shape[0]
 
     def make_mask():
-        doc = _doc_ids(cu, n)
+        doc = doc_ids(cu, n)
         return (doc[:, None] == doc[None, :])[None, None]  # (1, 1, N, N) bool: O(N²) memory
 
-    mask = _cached(cache, "dense_mask", make_mask)
+    mask = cached(cache, "dense_mask", make_mask)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
     )

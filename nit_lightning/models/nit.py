@@ -14,8 +14,43 @@ from nit_lightning.models.packed import PackedMeta
 from nit_lightning.models.rope import ROPE_LAYOUTS
 
 
+class PackedNetShape:
+    """What every packed NiT config (class- or text-conditional) shares: head and token widths and their checks."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    rope_layout: str
+    attn_backend: str
+
+    def check_shared(self, positive: tuple[str, ...]) -> None:
+        """Heads divide D, head_dim fits axial 2D RoPE, known layout and backend, the `positive` fields >= 1."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for axial 2D RoPE")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout {self.rope_layout!r} unknown; valid: {list(ROPE_LAYOUTS)}")
+        if self.attn_backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"attn_backend {self.attn_backend!r} unknown; valid: {['auto', *BACKENDS]}")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def token_dim(self) -> int:
+        """C·p·p: width of one packed input/output token."""
+        return self.in_channels * self.patch_size**2
+
+
 @dataclass
-class NiTConfig:
+class NiTConfig(PackedNetShape):
     """Architecture of a NiT; `dataclasses.asdict` of it is what checkpoints store."""
 
     depth: int
@@ -35,26 +70,7 @@ class NiTConfig:
     projector_hidden: int = 2048
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.head_dim % 4:
-            raise ValueError(f"head_dim {self.head_dim} must be divisible by 4 for axial 2D RoPE")
-        if self.rope_layout not in ROPE_LAYOUTS:
-            raise ValueError(f"rope_layout {self.rope_layout!r} unknown; valid: {list(ROPE_LAYOUTS)}")
-        if self.attn_backend not in (*BACKENDS, "auto"):
-            raise ValueError(f"attn_backend {self.attn_backend!r} unknown; valid: {['auto', *BACKENDS]}")
-        for name in ("depth", "hidden_size", "num_heads", "in_channels", "patch_size", "num_classes"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def token_dim(self) -> int:
-        """C·p·p: width of one packed input/output token."""
-        return self.in_channels * self.patch_size**2
+        self.check_shared(("depth", "hidden_size", "num_heads", "in_channels", "patch_size", "num_classes"))
 
 
 PRESETS: dict[str, dict] = {
@@ -129,8 +145,53 @@ def make_projector(hidden: int, proj_hidden: int, z_dim: int) -> nn.Sequential:
     )
 
 
+def initialize_packed_net(net: nn.Module, tables: tuple[torch.Tensor, ...] = ()) -> None:
+    """Init rules every packed NiT shares (SPEC §1.5), in one RNG order: xavier-uniform Linear weights and zero biases,
+    N(0, .02) for `tables` (the label table) and both t-MLP weights, then zeros for every block's last modulation
+    Linear, the final modulation and the final Linear, so an untrained net predicts exactly 0."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias) if m.bias is not None else None
+    for table in tables:
+        nn.init.normal_(table, std=0.02)
+    nn.init.normal_(net.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(net.t_embedder.mlp[2].weight, std=0.02)
+    for block in net.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    nn.init.zeros_(net.final_layer.adaLN_modulation[-1].weight)
+    nn.init.zeros_(net.final_layer.adaLN_modulation[-1].bias)
+    nn.init.zeros_(net.final_layer.linear.weight)
+    nn.init.zeros_(net.final_layer.linear.bias)
+
+
+def check_packed_inputs(cfg: PackedNetShape, x: torch.Tensor, return_hidden_at: int | None) -> None:
+    """x is packed (N, C·p·p) for this config; return_hidden_at names a block (1-based)."""
+    if x.ndim != 2 or x.shape[1] != cfg.token_dim:
+        raise ValueError(
+            f"x must be packed (N, C·p·p) = (N, {cfg.token_dim}) for in_channels={cfg.in_channels}, "
+            f"patch_size={cfg.patch_size}; got {tuple(x.shape)}"
+        )
+    if return_hidden_at is not None and not 1 <= return_hidden_at <= cfg.depth:
+        raise ValueError(f"return_hidden_at must be in 1..{cfg.depth} (block k, 1-based), got {return_hidden_at}")
+
+
+def image_meta(net: nn.Module, hw: torch.Tensor, num_tokens: int, *, rope_interp_scale: float | None = None,
+               hw_host: list[list[int]] | None = None) -> PackedMeta:
+    """PackedMeta for a packed net's RoPE settings (its `config`), on the device of its patch embedding."""
+    cfg = net.config
+    return PackedMeta.build(
+        hw, num_tokens, cfg.head_dim, device=net.x_embedder.proj.weight.device, rope_layout=cfg.rope_layout,
+        rope_theta=cfg.rope_theta, rope_ntk_scale=cfg.rope_ntk_scale,
+        rope_interp_scale=cfg.rope_interp_scale if rope_interp_scale is None else rope_interp_scale, hw_host=hw_host,
+    )
+
+
 class NiT(nn.Module):
     """Packed NiT: forward(x (N, C·p·p), t (B,), y (B,), hw (B, 2)) -> velocity (N, C·p·p)."""
+
+    conditioning = "class"  # what `y` is: (B,) class labels (NiTT2I: "text", a PackedText)
 
     def __init__(self, config: NiTConfig) -> None:
         super().__init__()
@@ -152,32 +213,14 @@ class NiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """SPEC §1.5: xavier Linear / zero bias, N(0, .02) label table and t-MLP, zero adaLN outputs and final linear."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        initialize_packed_net(self, tables=(self.y_embedder.embedding_table.weight,))
 
     def build_meta(self, hw: torch.Tensor, num_tokens: int, *, rope_interp_scale: float | None = None) -> PackedMeta:
         """PackedMeta for this net's RoPE settings, on its device; reuse it across sampler steps with the same hw.
 
         `rope_interp_scale` overrides the config's for this pack (a sampler interpolating positions per image size).
         """
-        cfg = self.config
-        return PackedMeta.build(
-            hw, num_tokens, cfg.head_dim, device=self.x_embedder.proj.weight.device, rope_layout=cfg.rope_layout,
-            rope_theta=cfg.rope_theta, rope_ntk_scale=cfg.rope_ntk_scale,
-            rope_interp_scale=cfg.rope_interp_scale if rope_interp_scale is None else rope_interp_scale,
-        )
+        return image_meta(self, hw, num_tokens, rope_interp_scale=rope_interp_scale)
 
     def forward(
         self,
@@ -190,16 +233,9 @@ class NiT(nn.Module):
         meta: PackedMeta | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity (N, C·p·p); with return_hidden_at=k also the hidden state after block k (1-based)."""
-        cfg = self.config
-        if x.ndim != 2 or x.shape[1] != cfg.token_dim:
-            raise ValueError(
-                f"x must be packed (N, C·p·p) = (N, {cfg.token_dim}) for in_channels={cfg.in_channels}, "
-                f"patch_size={cfg.patch_size}; got {tuple(x.shape)}"
-            )
+        check_packed_inputs(self.config, x, return_hidden_at)
         if t.shape != (hw.shape[0],) or y.shape != (hw.shape[0],):
             raise ValueError(f"t {tuple(t.shape)} and y {tuple(y.shape)} must be (B,) with B = {hw.shape[0]} (from hw)")
-        if return_hidden_at is not None and not 1 <= return_hidden_at <= cfg.depth:
-            raise ValueError(f"return_hidden_at must be in 1..{cfg.depth} (block k, 1-based), got {return_hidden_at}")
         if meta is None:
             meta = self.build_meta(hw, x.shape[0])
         elif meta.num_tokens != x.shape[0]:

@@ -47,15 +47,18 @@ class PackedMeta:
         rope_theta: float = 10000.0,
         rope_ntk_scale: float = 1.0,
         rope_interp_scale: float = 1.0,
+        hw_host: list[list[int]] | None = None,
     ) -> "PackedMeta":
-        """Validate hw against the token count and build ids, cu_seqlens and RoPE tables (the one host sync)."""
+        """Validate hw against the token count and build ids, cu_seqlens and RoPE tables (the one host sync).
+
+        `hw_host`: hw already read to the host by the caller (NiTT2I reads hw and caption lengths in one sync)."""
         if hw.ndim != 2 or hw.shape[1] != 2:
             raise ValueError(f"hw must be (B, 2) token-grid sizes, got shape {tuple(hw.shape)}")
         if hw.dtype.is_floating_point:
             raise ValueError(f"hw must be an integer tensor (long), got {hw.dtype}")
         device = torch.device(device) if device is not None else hw.device
         # The single host read of the forward: hw is tiny (B×2); free when hw still lives on the CPU.
-        hw_host = hw.tolist()
+        hw_host = hw.tolist() if hw_host is None else hw_host
         if len(hw_host) == 0:
             raise ValueError("empty pack: hw has 0 images")
         bad = [(i, h, w) for i, (h, w) in enumerate(hw_host) if h < 1 or w < 1]

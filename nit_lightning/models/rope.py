@@ -99,6 +99,13 @@ def _rope_complex(x_NHD: torch.Tensor, cis_NP: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * cis_NP[:, None]).flatten(-2)
 
 
+def head_layer_norm(x_NHD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """qk-norm: LayerNorm over head_dim with affine, computed in at least fp32 (returned in that dtype)."""
+    norm_dtype = torch.promote_types(x_NHD.dtype, torch.float32)
+    # Affine parameters follow: bf16 weights (bf16-true, FSDP2 param_dtype) would not mix with an fp32 input.
+    return F.layer_norm(x_NHD.to(norm_dtype), (x_NHD.shape[-1],), weight.to(norm_dtype), bias.to(norm_dtype), eps)
+
+
 def qk_norm_rope(
     qkv_N3HD: torch.Tensor,
     q_weight: torch.Tensor,
@@ -118,11 +125,8 @@ def qk_norm_rope(
     Inductor has no complex codegen, hence the two bodies). Both compute the same products and sums.
     """
     q, k, v = qkv_N3HD.unbind(1)
-    norm_dtype = torch.promote_types(qkv_N3HD.dtype, torch.float32)
-    dh = q.shape[-1]
-    # Affine parameters follow: bf16 weights (bf16-true, FSDP2 param_dtype) would not mix with an fp32 input.
-    q = F.layer_norm(q.to(norm_dtype), (dh,), q_weight.to(norm_dtype), q_bias.to(norm_dtype), eps).float()
-    k = F.layer_norm(k.to(norm_dtype), (dh,), k_weight.to(norm_dtype), k_bias.to(norm_dtype), eps).float()
+    q = head_layer_norm(q, q_weight, q_bias, eps).float()
+    k = head_layer_norm(k, k_weight, k_bias, eps).float()
     if torch.compiler.is_compiling():
         q, k = _rope_real(q, cos_ND, sin_signed_ND), _rope_real(k, cos_ND, sin_signed_ND)
     else:
