@@ -27,6 +27,7 @@ from nit_lightning.data.synthetic import (
     paint,
     sample_size,
 )
+from nit_lightning.records import SettingsRecord, folder_lock, write_text, write_with
 
 # Named colours, sRGB 0-255: eight hues far apart (closest pair: orange / yellow, 83 apart) and bright enough to stand
 # out from the dark backgrounds, so the colour of an object can be read back by the nearest palette entry.
@@ -125,11 +126,16 @@ def write_captioned_synthetic(settings: CaptionedSynthSettings) -> dict[str, Any
     """Write the set (train/, val/, heldout/ when split, else flat), captions.jsonl and synth.json; returns the manifest."""
     settings.validate()
     s, out = settings, Path(settings.out)
-    wanted = {"kind": "captioned", **{k: (list(v) if isinstance(v, tuple) else v)
-                                      for k, v in asdict(s).items() if k != "out"}}
-    check_output(out, wanted)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARTIAL_NAME).write_text(json.dumps({"settings": wanted}, indent=1))
+    # Where the set lies is not what it is: --out is left out of the compared settings.
+    record = SettingsRecord("synth-captioned", {k: (list(v) if isinstance(v, tuple) else v)
+                                                for k, v in asdict(s).items() if k != "out"})
+    with folder_lock(out, "synth"):
+        check_output(out, record)
+        record.write(out / PARTIAL_NAME)
+        return _write_images(s, out, record)
+
+
+def _write_images(s: CaptionedSynthSettings, out: Path, record: SettingsRecord) -> dict[str, Any]:
     held = held_out_pairs(s.colours, s.held_out_per_shape, s.held_out_seed)
     seen = [(c, f) for f in FAMILIES for c in s.colours if (c, f) not in set(held)]
     # Balanced pairs: image i takes pair i mod n of a seeded order, so every seen pair appears alike often.
@@ -149,16 +155,16 @@ def write_captioned_synthetic(settings: CaptionedSynthSettings) -> dict[str, Any
         folder = out / split if split_dirs else out
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{i:07d}"
-        Image.fromarray(render_object(colour, family, small, hw, rng, s.colour_jitter), "RGB").save(
-            folder / f"{name}.png", compress_level=1)
-        (folder / f"{name}.txt").write_text(text + "\n")
+        image = Image.fromarray(render_object(colour, family, small, hw, rng, s.colour_jitter), "RGB")
+        write_with(folder / f"{name}.png", lambda tmp: image.save(tmp, format="PNG", compress_level=1))
+        write_text(folder / f"{name}.txt", text + "\n")
         lines.append({"file": (folder / f"{name}.png").relative_to(out).as_posix(), "caption": text,
                       "colour": colour, "shape": family, "small": small, "split": split})
         counts[split] = counts.get(split, 0) + 1
-    (out / CAPTIONS_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    manifest = {"settings": wanted, "palette": {c: list(PALETTE[c]) for c in s.colours}, "shapes": list(FAMILIES),
-                "shape_nouns": SHAPE_NOUNS, "held_out": [list(p) for p in held], "seen": [list(p) for p in seen],
-                "counts": counts}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    write_text(out / CAPTIONS_NAME, "".join(json.dumps(line) + "\n" for line in lines))
+    record.info = {"palette": {c: list(PALETTE[c]) for c in s.colours}, "shapes": list(FAMILIES),
+                   "shape_nouns": SHAPE_NOUNS, "held_out": [list(p) for p in held], "seen": [list(p) for p in seen],
+                   "counts": counts}
+    record.write(out / MANIFEST_NAME)
     (out / PARTIAL_NAME).unlink()
-    return manifest
+    return record.as_dict()
