@@ -5,7 +5,7 @@
     evaluation     Inception, metrics, references, sweeps (sweeps sample through generation)
     generation     checkpoint -> pipeline -> images (sample sets, sampler and sweep settings)
     data, diffusion    shards, codecs, packing, datamodule | flow-matching loss, samplers
-    models, distributed    pure torch network | who-am-I for the commands
+    models, distributed, stop_signals    pure torch network | who-am-I for the commands | signals caught at start
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nit_lightning"
-LAYERS = {"models": 0, "distributed": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
+LAYERS = {"models": 0, "distributed": 0, "stop_signals": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
           "cli": 5, "__main__": 6, "__init__": 0}
 
 
