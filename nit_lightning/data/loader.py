@@ -203,7 +203,7 @@ class PackLoader(DataLoader):
             stats.seconds = now - began
             stats.last_pack_tokens, stats.last_pack_images = batch.num_tokens, batch.num_images
             j += 1
-            self._owner._consumed[self._kind] = (epoch, j)
+            self._owner._consumed[self._kind] = (epoch, plan.first_step + j)  # steps of the whole epoch
             if stats.skipped_samples > limit:
                 total = int(rank_plan.offsets[-1] - rank_plan.offsets[start])
                 rank, _ = self._owner.rank_world()
