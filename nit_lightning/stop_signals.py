@@ -6,7 +6,7 @@ SIGINT Ctrl-C. `python -m nit_lightning fit|validate|test|predict` installs the 
 saved. The handler records and writes one line to stderr (no locks: safe in a handler); what a signal does depends on
 where the run is (`phase`, moved on by training.fault_tolerance.RequeueOnSignal):
 
-  setup     SIGUSR1 is kept: training saves last.ckpt at its first step boundary, then requeues.
+  setup     SIGUSR1 is kept: training saves last.ckpt after its first step, then requeues.
             SIGTERM / SIGINT end the process at once with exit 143 / 130: there is nothing to save yet.
   training  the first signal is kept: RequeueOnSignal saves last.ckpt at the next step boundary and exits.
             A second SIGINT ends the process at once (130), without saving.

@@ -318,7 +318,7 @@ def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     args = [
         "fit", "--config", str(REPO / "experiments" / "debug.yaml"),
         "--data.sources", f'[{{"path": "{shards}", "weight": 1.0}}]', "--data.tokens_per_pack", "128",
-        "--trainer.max_steps", "10", *extra,  # debug.yaml carries RequeueOnSignal
+        "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "1", *extra,  # debug.yaml carries RequeueOnSignal
     ]
     log_file = open(cwd / "fit.log", "ab")
     # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
@@ -369,6 +369,23 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
     for index, state in a["optimizer"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
+    # every step's loss is logged once, the one the run stopped at too (it used to be lost: logged after the stop)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref") and len(_losses(tmp_path / "ref")) == 10
+
+
+def _losses(cwd: Path) -> dict[int, float]:
+    """step -> train/loss over every TensorBoard version of a run (a restart writes the next version)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for version in sorted((cwd / "outputs").glob("*/version_*"), key=lambda p: int(p.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            for event in events.Scalars("train/loss"):
+                assert event.step not in losses, f"step {event.step} logged twice"
+                losses[event.step] = event.value
+    return losses
 
 
 # ---- a plain `fit` stopped by SIGTERM: save first, exit non-zero ------------------------------------------------------
@@ -458,8 +475,8 @@ def _marks(cwd: Path) -> list[str]:
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_during_setup_is_handled_not_fatal(tmp_path, signum):
     """From process start: SIGUSR1 (the time-limit warning) during the seconds of imports and setup used to kill the
-    process with nothing saved; now training saves last.ckpt at its first step boundary (exit 75: no SLURM job to
-    requeue here). SIGTERM there ends the process at once with 143 and one line, as before."""
+    process with nothing saved; now training saves last.ckpt after its first step (exit 75: no SLURM job to requeue
+    here). SIGTERM there ends the process at once with 143 and one line, as before."""
     import time
 
     shards = tmp_path / "shards"
@@ -472,7 +489,7 @@ def test_a_signal_during_setup_is_handled_not_fatal(tmp_path, signum):
     if signum == signal.SIGUSR1:
         assert code == EXIT_REQUEUE, log[-3000:]
         assert "SIGUSR1 received before training started" in log
-        assert torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 0
+        assert torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
     else:
         assert code == 143, log[-3000:]
         assert "stopped by SIGTERM before training started" in log and "Traceback" not in log

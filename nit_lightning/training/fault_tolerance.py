@@ -7,7 +7,8 @@ A `fit` stopped by `RequeueOnSignal` ends by raising `RequeueExit` (a SystemExit
       `last.ckpt` is written, run the same command again to resume (75 = EX_TEMPFAIL of sysexits.h, "retry");
   130 stopped by Ctrl-C (SIGINT) after saving last.ckpt (a second Ctrl-C exits at once, without saving).
 The signals are caught from process start to exit (nit_lightning/stop_signals.py); this callback acts on them at
-the start of a training batch: the step before is complete, its losses are logged, the EMA is updated. Raising
+the end of a training batch, after every other callback's batch end (the CLI puts it last), the step's metrics logged
+first: Lightning's own mid-epoch checkpoint point, which it resumes from exactly. Raising
 (rather than `trainer.should_stop`) keeps epoch-end and train-end hooks from running after the save: they would mark
 the epoch complete (ModelCheckpoint's train-end `last` save would then skip the rest of the epoch on resume) and
 could start long work (sampling, evaluation) inside SLURM's 120 s grace window.
@@ -45,17 +46,20 @@ def ensure_requeue_on_signal(trainer: Trainer) -> "RequeueOnSignal":
 
     Without it Lightning's SIGTERM handler stops a `fit` mid-epoch with exit code 0 and nothing saved since the last
     periodic checkpoint. Two would each install handlers and race for the flag: refused, naming the usual cause.
+    It goes last in the list: its stop at a batch end then comes after every other callback's batch end (the EMA
+    update, periodic checkpoints, pack logs, throughput metrics of that step).
     """
     found = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
     if len(found) > 1:
         raise ValueError(f"RequeueOnSignal is in the trainer's callbacks {len(found)} times: the experiment configs carry "
                          "it now, so drop --trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal")
+    callback = found[0] if found else RequeueOnSignal()
     if found:
-        return found[0]
-    callback = RequeueOnSignal()
+        trainer.callbacks.remove(callback)
+    else:
+        rank_zero_info(f"RequeueOnSignal added (the config has none): SIGUSR1/SIGTERM/SIGINT save last.ckpt, then exit "
+                       f"{EXIT_REQUEUE} (SIGINT {EXIT_INTERRUPTED}) or requeue")
     trainer.callbacks.append(callback)
-    rank_zero_info(f"RequeueOnSignal added (the config has none): SIGUSR1/SIGTERM/SIGINT save last.ckpt, then exit "
-                   f"{EXIT_REQUEUE} (SIGINT {EXIT_INTERRUPTED}) or requeue")
     return callback
 
 
@@ -68,16 +72,16 @@ def slurm_job_id() -> str | None:
 
 
 class RequeueOnSignal(Callback):
-    """On SIGUSR1/SIGTERM/SIGINT: at the next batch start save last.ckpt atomically, `scontrol requeue` under SLURM,
+    """On SIGUSR1/SIGTERM/SIGINT: at the next batch end save last.ckpt atomically, `scontrol requeue` under SLURM,
     exit.
 
     The signal handler (stop_signals.handle) only records; ranks agree on it with one boolean all-reduce every
     `check_every_n_steps` batches, so all ranks stop at the same step even if the signal reached them apart.
     Only `requeue_signals` (SIGUSR1: SLURM's time-limit warning) call `scontrol requeue`; SIGTERM saves and exits
     without it, since it comes from `scancel` (the user wants the job gone) or from preemption (SLURM requeues a job
-    preempted with PreemptMode=REQUEUE itself); SIGINT saves and exits 130. A SIGUSR1 before training is acted on at
-    the first step boundary, one after the last step is ignored (stop_signals). Lightning's own SLURM auto-requeue is
-    switched off (logged).
+    preempted with PreemptMode=REQUEUE itself); SIGINT saves and exits 130. A signal that came before training is
+    acted on after the first step; one during or after the last step changes nothing: the run ends as usual
+    (stop_signals). Lightning's own SLURM auto-requeue is switched off (logged).
     """
 
     def __init__(
@@ -135,11 +139,16 @@ class RequeueOnSignal(Callback):
         stop_signals.set_phase("training")
         log.info("RequeueOnSignal: handling %s", ", ".join(s.name for s in self.signals))
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
         if self.stopped_at_step is not None or trainer.global_step % self.check_every_n_steps:
             return
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # that was the last step: training ends as usual, with its checkpoints (_finish says so)
+        # Lightning logs a step's metrics after the batch-end hooks, which the stop skips: this step's go out now
+        # (else the resumed run's log would lack the step it stopped at)
+        trainer._logger_connector.update_train_step_metrics()
         self._stop_for_requeue(trainer)
 
     def _stop_for_requeue(self, trainer: Trainer) -> None:
@@ -157,11 +166,6 @@ class RequeueOnSignal(Callback):
                     Path(callback.dirpath).resolve() == path.parent.resolve() and \
                     callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION == path.name:
                 callback.last_model_path = str(Path(callback.dirpath) / path.name)
-        # The batch about to start was fetched (Lightning counted it "ready") but will never be used: the checkpoint
-        # is the state after step k, as if saved at the very end of it. Lightning's restart then neither repeats a step
-        # nor shifts the step numbers of the logged metrics by one.
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        progress.total.ready, progress.current.ready = progress.total.started, progress.current.started
         save_checkpoint_atomic(trainer, path)
         self.saved_path, self.stopped_at_step = str(path), trainer.global_step
         result = self._requeue() if trainer.is_global_zero else None
