@@ -13,7 +13,7 @@ NUM ?= 50000
 OUT ?= outputs/sweeps
 SWEEP_ARGS ?=
 
-.PHONY: install test test-fast demo demo-ablation bench gpu-check eval-res-sweep eval-ar-sweep clean
+.PHONY: install test test-fast test-slurm demo demo-ablation bench gpu-check eval-res-sweep eval-ar-sweep clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ test: install
 # Skips the tests marked slow (multi-process DDP, end-to-end commands).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The sbatch scripts on a real two-node SLURM cluster on this host (tests/slurm, docs/slurm.md): needs root, installs
+# Debian's slurmctld/slurmd/slurm-client/munge if absent, starts the daemons, stops them at the end (also on failure).
+test-slurm: install
+	NIT_SLURM_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=0 tests/slurm; status=$$?; \
+	$(PY) tests/slurm/slurm_cluster.py down >/dev/null; exit $$status
 
 demo: install
 	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT)

@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         return int(module.main(argv[1:]) or 0)
     if command in LIGHTNING_COMMANDS or command.startswith("-"):
+        # before torch and Lightning are imported (seconds): from here on SIGUSR1/SIGTERM/SIGINT never find their
+        # default action, which would kill a job with nothing saved (stop_signals.py says what each one does when)
+        from nit_lightning import stop_signals
+
+        stop_signals.install(process_wide=True)
         from nit_lightning.cli.lightning import main as lightning_main
 
         return int(lightning_main(argv) or 0)

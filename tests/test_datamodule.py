@@ -117,14 +117,70 @@ def test_resume_equals_uninterrupted(data, num_workers):
     assert epoch_keys(resumed) == epoch1
 
 
-def test_resume_with_changed_world_restarts_epoch_loudly(data, caplog):
+def test_an_old_checkpoint_with_another_world_restarts_the_epoch_loudly(data, caplog):
+    """A checkpoint written before positions were recorded in the packing cannot continue on another world size."""
     tmp_path, _ = data
     state = {**make(tmp_path).state_dict(), "packs_consumed": 2, "world_size": 4}
+    for key in ("packs_done", "epoch_world_size"):
+        state.pop(key)
     dm = make(tmp_path)
     with caplog.at_level(logging.WARNING):
         dm.load_state_dict(state)
     assert "restarts from its first pack" in caplog.text
     assert epoch_keys(dm) == epoch_keys(make(tmp_path))
+
+
+def _take(dms: list[NativeLatentDataModule], steps: int) -> tuple[list[str], list[dict]]:
+    """`steps` steps of every rank's loader (one module per rank, in lockstep): the keys seen, each rank's state."""
+    iterators = [iter(dm.train_dataloader()) for dm in dms]
+    keys = [short(k) for _ in range(steps) for it in iterators for k in next(it).keys]
+    return keys, [dm.state_dict() for dm in dms]
+
+
+def test_resume_on_one_rank_then_two_sees_every_sample_of_the_epoch_once(data, caplog):
+    tmp_path, stored = data
+    two = [make(tmp_path, rank, 2) for rank in (0, 1)]
+    per_epoch = len(two[0].train_dataloader())
+    first, states = _take(two, 3)
+    assert states[0]["packs_done"] == states[1]["packs_done"] > 0 and states[0]["epoch_world_size"] == 2
+    one = make(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        one.load_state_dict(states[0])
+        steps_on_one = len(one.train_dataloader()) - 3
+    assert "the rest of the epoch is split over them" in caplog.text and "continues on 1 ranks after 3 steps" in caplog.text
+    assert steps_on_one > 2 * (per_epoch - 3)  # one rank takes about twice the steps for the rest
+    second, (state,) = _take([one], 4)
+    assert state["epoch_world_size"] == 2 and state["packs_consumed"] == 7
+    again = [make(tmp_path, rank, 2) for rank in (0, 1)]
+    for dm in again:
+        dm.load_state_dict(state)
+    lengths = {len(dm.train_dataloader()) for dm in again}
+    assert len(lengths) == 1  # both ranks get as many packs: DDP does not hang
+    third = [short(k) for dm in again for batch in dm.train_dataloader() for k in batch.keys]
+    seen = first + second + third
+    assert len(seen) == len(set(seen)), "a sample was seen twice in one epoch"
+    plans = [two[0]._plans["train"], one._continued, again[0]._continued]
+    dropped = sum(plan.report["leftover_samples"] for plan in plans)
+    assert len(stored) - dropped <= len(seen) < len(stored)  # only the least-full leftover packs are left out
+    # the next epoch is planned afresh on two ranks: the same packs as a run that never changed its world size
+    uninterrupted = make(tmp_path, 0, 2)
+    epoch_keys(uninterrupted)
+    assert epoch_keys(again[0]) == epoch_keys(uninterrupted)
+
+
+@pytest.mark.parametrize("options", [{}, {"packs_per_epoch": 5}, {"buffer_size": 32}], ids=str)
+def test_resuming_on_the_same_world_is_the_rest_of_the_plan(data, options):
+    tmp_path, _ = data
+    reference = [make(tmp_path, rank, 2, **options).train_dataloader() for rank in (0, 1)]
+    reference = [[(b.keys, b.x) for b in loader] for loader in reference]
+    two = [make(tmp_path, rank, 2, **options) for rank in (0, 1)]
+    _, states = _take(two, 2)
+    for rank in (0, 1):
+        resumed = make(tmp_path, rank, 2, **options)
+        resumed.load_state_dict(states[rank])
+        rest = [(b.keys, b.x) for b in resumed.train_dataloader()]
+        assert [keys for keys, _ in rest] == [keys for keys, _ in reference[rank][2:]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, reference[rank][2:]))  # flips included
 
 
 def truncate_shard(tmp_path: Path) -> Path:

@@ -313,11 +313,12 @@ def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     # one thread: with several, MKL picks its thread count by machine load (MKL_DYNAMIC), which changes gemm
     # reduction order and so the last bits (measured: 4e-8 apart after 10 steps when two runs overlap on 2 cores)
-    env.update(PYTHONPATH=str(REPO), NIT_CKPT_DIR=str(cwd / "ckpt"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(PYTHONPATH=f"{REPO}:{REPO / 'tests'}", NIT_CKPT_DIR=str(cwd / "ckpt"), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")  # tests/ for helpers.slow
     args = [
         "fit", "--config", str(REPO / "experiments" / "debug.yaml"),
         "--data.sources", f'[{{"path": "{shards}", "weight": 1.0}}]', "--data.tokens_per_pack", "128",
-        "--trainer.max_steps", "10", *extra,  # debug.yaml carries RequeueOnSignal
+        "--trainer.max_steps", "10", "--trainer.log_every_n_steps", "1", *extra,  # debug.yaml carries RequeueOnSignal
     ]
     log_file = open(cwd / "fit.log", "ab")
     # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
@@ -368,6 +369,23 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
     for index, state in a["optimizer"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"][index][name]), f"optimizer state {index}.{name} differs"
+    # every step's loss is logged once, the one the run stopped at too (it used to be lost: logged after the stop)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref") and len(_losses(tmp_path / "ref")) == 10
+
+
+def _losses(cwd: Path) -> dict[int, float]:
+    """step -> train/loss over every TensorBoard version of a run (a restart writes the next version)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses: dict[int, float] = {}
+    for version in sorted((cwd / "outputs").glob("*/version_*"), key=lambda p: int(p.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            for event in events.Scalars("train/loss"):
+                assert event.step not in losses, f"step {event.step} logged twice"
+                losses[event.step] = event.value
+    return losses
 
 
 # ---- a plain `fit` stopped by SIGTERM: save first, exit non-zero ------------------------------------------------------
@@ -436,3 +454,78 @@ def test_sigterm_before_training_exits_143_in_one_line(monkeypatch, capsys):
     assert lightning_cli.main(["fit"]) == lightning_cli.EXIT_SIGTERM == 143  # SIGTERMException alone exits 0
     assert capsys.readouterr().err.strip() == "python -m nit_lightning fit: stopped by SIGTERM outside training " \
                                                "(setup, validation, test, predict); nothing was saved"
+
+
+# ---- signals outside the training loop, and Ctrl-C: real `fit` processes -----------------------------------------------
+def _wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _marks(cwd: Path) -> list[str]:
+    """A second ModelCheckpoint saving every step: its files tell the test how far training is."""
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={cwd}/marks",
+            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_during_setup_is_handled_not_fatal(tmp_path, signum):
+    """From process start: SIGUSR1 (the time-limit warning) during the seconds of imports and setup used to kill the
+    process with nothing saved; now training saves last.ckpt after its first step (exit 75: no SLURM job to requeue
+    here). SIGTERM there ends the process at once with 143 and one line, as before."""
+    import time
+
+    shards = tmp_path / "shards"
+    write_latent_shards(shards)
+    run = _fit(tmp_path / "run", shards)
+    time.sleep(1.0)  # importing torch and Lightning alone takes longer
+    run.send_signal(signum)
+    code = run.wait(300)
+    log = (tmp_path / "run" / "fit.log").read_text()
+    if signum == signal.SIGUSR1:
+        assert code == EXIT_REQUEUE, log[-3000:]
+        assert "SIGUSR1 received before training started" in log
+        assert torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
+    else:
+        assert code == 143, log[-3000:]
+        assert "stopped by SIGTERM before training started" in log and "Traceback" not in log
+        assert not (tmp_path / "run" / "ckpt" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fit_saves_then_exits_130(tmp_path):
+    """Ctrl-C used to exit 1 with nothing saved since the last periodic checkpoint; now it saves like SIGTERM."""
+    shards = tmp_path / "shards"
+    write_latent_shards(shards)
+    run = _fit(tmp_path / "run", shards, "--trainer.max_steps=10000", *_marks(tmp_path / "run"))
+    _wait_for(tmp_path / "run" / "marks" / "*step=3*.ckpt", run)
+    run.send_signal(signal.SIGINT)
+    code = run.wait(300)
+    log = (tmp_path / "run" / "fit.log").read_text()
+    assert code == 130, log[-3000:]
+    saved = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved >= 3 and f"at global step {saved}" in log and "stopped by Ctrl-C" in log
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    import time
+
+    shards = tmp_path / "shards"
+    write_latent_shards(shards)
+    run = _fit(tmp_path / "run", shards, "--trainer.max_steps=10000", *_marks(tmp_path / "run"),
+               "--trainer.callbacks+=helpers.slow.SlowSteps", "--trainer.callbacks.seconds=2.0")  # both in one step
+    _wait_for(tmp_path / "run" / "marks" / "*step=2*.ckpt", run)
+    time.sleep(0.5)  # step 3 has begun: both land in its 2 s, before the next step boundary
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    run.send_signal(signal.SIGINT)
+    code = run.wait(30)
+    log = (tmp_path / "run" / "fit.log").read_text()
+    assert code == 130, log[-3000:]
+    assert "SIGINT again: stopping at once, without saving" in log and "RequeueOnSignal: SIGINT" not in log
+    assert not (tmp_path / "run" / "ckpt" / "last.ckpt").exists()

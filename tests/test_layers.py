@@ -6,7 +6,8 @@
     evaluation     Inception, metrics, references, sweeps (sweeps sample through generation)
     generation     checkpoint -> pipeline -> images (sample sets, sampler and sweep settings)
     data, diffusion    shards, codecs, packing, datamodule | flow-matching loss, samplers
-    models, distributed, records    pure torch network | who-am-I for the commands | the contracts between stages
+    models, distributed, records, stop_signals    pure torch network | who-am-I for the commands | the contracts
+                   between stages | signals caught at start
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nit_lightning"
-LAYERS = {"records": 0, "models": 0, "distributed": 0, "data": 1, "diffusion": 1, "generation": 2, "evaluation": 3, "training": 4,
-          "cli": 5, "demo": 6, "__main__": 7, "__init__": 0}
+LAYERS = {"records": 0, "models": 0, "distributed": 0, "stop_signals": 0, "data": 1, "diffusion": 1, "generation": 2,
+          "evaluation": 3, "training": 4, "cli": 5, "demo": 6, "__main__": 7, "__init__": 0}
 
 
 def part_of(module: str) -> str:

@@ -31,7 +31,7 @@ def test_bash_syntax_and_shellcheck(script):
 def test_sbatch_headers():
     text = (REPO / "slurm" / "train_xl.sbatch").read_text()
     for line in ("--ntasks-per-node=8", "--gpus-per-node=8", "--signal=SIGUSR1@120", "--requeue",
-                 "--output=%x-%j.out", "--cpus-per-task=", "--time=", "--nodes="):
+                 "--output=slurm/logs/%x-%j.out", "--cpus-per-task=", "--time=", "--nodes="):
         assert f"#SBATCH {line}" in text, line
     assert "#SBATCH --array=0-2" in (REPO / "slurm" / "train_b_ablation.sbatch").read_text()
 

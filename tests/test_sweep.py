@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,3 +214,94 @@ def test_evaluate_user_errors_are_one_line(tmp_path, features, capsys):
         assert evaluate_cmd.main(argv + base) == 2, message
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (message, err)
+
+
+# ---- several runs into one sweep folder: every finished row stays (real processes, finishing together) ---------------
+def _one_setting(out, refs, sweep_file, spec, size, barrier, errors) -> None:
+    """A process that runs the sweep for one size, like an array task of slurm/sample_eval.sbatch."""
+    try:
+        def stub(setting, out_dir):
+            h, w = setting.size
+            path = out_dir / setting.name / "samples.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, arr_0=_images(10, h, w, 9))
+            barrier.wait(timeout=120)  # evaluate and write the tables at the same moment as the others
+            return path
+
+        run_sweep(load_sweep(sweep_file).select([size]), ref_dir=refs, out=out, num=10,
+                  extractor=load_feature_extractor(spec), sample_fn=stub, tb=False)
+    except BaseException as error:  # noqa: BLE001  (reported to the parent)
+        errors.put(f"{size}: {type(error).__name__}: {error}")
+        raise
+
+
+@pytest.mark.slow
+def test_partial_runs_and_parallel_tasks_keep_every_finished_row(tmp_path, features):
+    import multiprocessing
+
+    sizes = ["8x8", "16x16", "16x32", "32x16"]
+    _sweep_file(tmp_path / "toy.yaml", sizes)
+    (tmp_path / "refs").mkdir()
+    for size in sizes:
+        _reference(tmp_path / "refs" / f"{size}.npz", features, *(int(v) for v in size.split("x")))
+    out = tmp_path / "out"
+    context = multiprocessing.get_context("spawn")
+    barrier, errors = context.Barrier(1), context.Queue()
+    _one_setting(out, tmp_path / "refs", tmp_path / "toy.yaml", features, "8x8", barrier, errors)  # an earlier run
+    barrier = context.Barrier(3)
+    tasks = [context.Process(target=_one_setting, args=(out, tmp_path / "refs", tmp_path / "toy.yaml", features, size,
+                                                         barrier, errors)) for size in sizes[1:]]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join(300)
+    assert errors.empty(), errors.get()
+    assert [task.exitcode for task in tasks] == [0, 0, 0]
+    summary = json.loads((out / "results.json").read_text())
+    assert sorted(summary["results"]) == sorted(sizes)  # each task used to rewrite the table with its own row only
+    assert all(record["status"] == "ok" for record in summary["results"].values())
+    rows = re.findall(r"^\| (\d+x\d+) \|", (out / "results.md").read_text(), flags=re.MULTILINE)
+    assert rows == ["8x8", "16x16", "16x32", "32x16"]  # one row each, by height then width
+    assert not list(out.glob("*.tmp"))
+
+
+def _evaluate_on_rank_zero_only(rank, port, npz, ref, spec, results) -> None:
+    """Rank 0 evaluates a whole sample set while rank 1 waits at a barrier (sweep under srun/torchrun)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        if rank == 0:
+            results.put(evaluate_samples(npz, ref, load_feature_extractor(spec))["fid"])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_one_rank_evaluates_without_waiting_for_the_others(tmp_path, features):
+    """The metrics of a sample set read by one process: no collective over the other ranks, which are sampling the
+    next setting (the sharded sweep used to deadlock: an all_gather on rank 0, a barrier on rank 1)."""
+    import multiprocessing
+    import socket
+
+    _reference(tmp_path / "ref.npz", features, 16, 16)
+    np.savez(tmp_path / "s.npz", arr_0=_images(12, 16, 16, 3))
+    alone = evaluate_samples(tmp_path / "s.npz", tmp_path / "ref.npz", load_feature_extractor(features))["fid"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_evaluate_on_rank_zero_only,
+                             args=(rank, port, tmp_path / "s.npz", tmp_path / "ref.npz", features, results))
+             for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert results.get(timeout=5) == alone

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 a user error, printed as one line `python -m nit_lightning <command>: error: <message>`
 (NIT_TRACEBACK=1 shows the traceback); 75 stopped by a signal after saving last.ckpt (RequeueOnSignal, docs/slurm.md);
-143 SIGTERM outside training (setup, or validate/test/predict: nothing to save); 1 any other failure, with its traceback.
+130 Ctrl-C (during training after saving last.ckpt); 143 SIGTERM outside training (setup, or validate/test/predict:
+nothing to save); 1 any other failure, with its traceback.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import lightning as L
 from nit_lightning import distributed
 from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
 from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader
+from nit_lightning.data.resume import continue_plan
 from nit_lightning.data.shards import content_fingerprint
 from nit_lightning.records import plain
 
@@ -60,6 +61,8 @@ class NativeLatentDataModule(L.LightningDataModule):
         self._distributed: tuple[int, int] | None = None
         self._next_epoch = 0  # used without a trainer: every train iter() is one more epoch
         self._resume: tuple[int, int] | None = None
+        self._continue: dict[str, int] | None = None  # a resumed epoch's position in its packing (data/resume.py)
+        self._continued: EpochPlan | None = None  # ... and the plan of its remaining packs
         self._consumed: dict[str, tuple[int, int]] = {}
         self.stats: dict[str, LoaderStats] = {}
         self.latent_channels: int | None = None
@@ -117,23 +120,35 @@ class NativeLatentDataModule(L.LightningDataModule):
 
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:
-        """The (cached) global plan of one epoch; validation always uses epoch 0, no flips, the fixed seed."""
+        """The (cached) global plan of one epoch; validation always uses epoch 0, no flips, the fixed seed. A resumed
+        training epoch is the rest of its packing from the saved position, split over this world (data/resume.py)."""
         _, world = self.rank_world()
+        resumed = self._continue if kind == "train" and self._continue and self._continue["epoch"] == epoch else None
+        if resumed and (self._continued is None or self._continued.epoch != epoch or
+                        self._continued.world_size != world):
+            first = self._build(kind, epoch, resumed["world_size"])
+            self._continued = continue_plan(first, packs_done=resumed["packs_done"], first_step=resumed["steps"],
+                                            world_size=world, packs_per_epoch=self.packs_per_epoch,
+                                            tokens_per_pack=self.tokens_per_pack)
+        if resumed:
+            return self._continued
         plan = self._plans.get(kind)
         if plan is None or plan.epoch != epoch or plan.world_size != world:
-            plan = build_plan(
-                self._sources[kind],
-                seed=self.seed,
-                epoch=epoch,
-                tokens_per_pack=self.tokens_per_pack,
-                max_images_per_pack=self.max_images_per_pack,
-                world_size=world,
-                flip_prob=self.flip_prob if kind == "train" else 0.0,
-                packs_per_epoch=self.packs_per_epoch if kind == "train" else None,
-                buffer_size=self.buffer_size,
-            )
-            self._plans[kind] = plan
+            plan = self._plans[kind] = self._build(kind, epoch, world)
         return plan
+
+    def _build(self, kind: str, epoch: int, world: int) -> EpochPlan:
+        return build_plan(
+            self._sources[kind],
+            seed=self.seed,
+            epoch=epoch,
+            tokens_per_pack=self.tokens_per_pack,
+            max_images_per_pack=self.max_images_per_pack,
+            world_size=world,
+            flip_prob=self.flip_prob if kind == "train" else 0.0,
+            packs_per_epoch=self.packs_per_epoch if kind == "train" else None,
+            buffer_size=self.buffer_size,
+        )
 
     def _upcoming_epoch(self, kind: str) -> int:
         if kind != "train":
@@ -161,21 +176,26 @@ class NativeLatentDataModule(L.LightningDataModule):
         if start:
             log.info("resuming %s data at epoch %d, pack %d of %d", kind, epoch, start, plan.packs_per_rank)
         self.stats[kind] = LoaderStats(epoch=epoch, plan_efficiency=plan.efficiency)
-        return EpochStart(epoch, start, rank, plan.rank_part(rank), self.stats[kind], self.max_skipped_fraction)
+        return EpochStart(epoch, start - plan.first_step, plan.first_step, rank, plan.rank_part(rank), self.stats[kind],
+                          self.max_skipped_fraction)
 
     def delivered(self, kind: str, epoch: int, packs: int) -> None:
-        """The loader of `kind` has handed out `packs` packs of `epoch` (the position without a trainer)."""
+        """The loader of `kind` has handed out `packs` steps of `epoch` (the position without a trainer)."""
         self._consumed[kind] = (epoch, packs)
 
     @property
     def packing_efficiency(self) -> float:
         """Real tokens / (packs × tokens_per_pack) of the current training plan (planning epoch 0 if none yet)."""
-        return self._plan_for("train", self._plans["train"].epoch if "train" in self._plans else 0).efficiency
+        return self._plan_for("train", self._current_epoch()).efficiency
 
     @property
     def plan_report(self) -> dict[str, int]:
         """Counts of the current training plan: planned/kept/dropped packs, samples, tokens."""
-        return dict(self._plan_for("train", self._plans["train"].epoch if "train" in self._plans else 0).report)
+        return dict(self._plan_for("train", self._current_epoch()).report)
+
+    def _current_epoch(self) -> int:
+        return self._plans["train"].epoch if "train" in self._plans else self._continue["epoch"] if self._continue \
+            else 0
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> PackLoader:
@@ -212,9 +232,14 @@ class NativeLatentDataModule(L.LightningDataModule):
         else:
             epoch, consumed = self._consumed.get("train", (self._next_epoch, 0))
         _, world = self.rank_world()
+        plan = self._plan_for("train", epoch) if consumed else None
         return {
             "epoch": epoch,
             "packs_consumed": consumed,
+            # where the epoch stands in its packing, and the world it was planned for: enough to continue it exactly
+            # on any number of ranks (data/resume.py)
+            "packs_done": plan.packs_done_after(consumed) if plan else 0,
+            "epoch_world_size": plan.base_world if plan else world,
             "seed": self.seed,
             "world_size": world,
             "tokens_per_pack": self.tokens_per_pack,
@@ -224,7 +249,8 @@ class NativeLatentDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at (epoch, packs_consumed); a changed seed/world/budget cannot resume mid-epoch: warn, restart it."""
+        """Resume at (epoch, packs_consumed): on any world size the rest of the epoch follows exactly (each sample once,
+        data/resume.py); a changed seed or budget makes another plan: warn and restart the epoch."""
         _, world = self.rank_world()
         now = {"seed": self.seed, "world_size": world, "tokens_per_pack": self.tokens_per_pack,
                "max_images_per_pack": self.max_images_per_pack, "buffer_size": self.buffer_size,
@@ -233,7 +259,16 @@ class NativeLatentDataModule(L.LightningDataModule):
         changed = {k: (state.get(k), v) for k, v in now.items()
                    if state.get(k) != v and (k in state or k != "content")}
         epoch, consumed = int(state["epoch"]), int(state["packs_consumed"])
-        if changed and consumed:
+        self._continue, self._continued = None, None
+        if consumed and "packs_done" in state and set(changed) <= {"world_size"}:
+            self._continue = {"epoch": epoch, "steps": consumed, "packs_done": int(state["packs_done"]),
+                              "world_size": int(state["epoch_world_size"])}
+            if changed:
+                log.warning("resuming epoch %d after %d steps on %d ranks (the checkpoint's run had %d): the rest of "
+                            "the epoch is split over them, every sample still once; a step now trains on %d packs, "
+                            "not %d (the schedule stays in steps)", epoch, consumed, world, state["world_size"], world,
+                            state["world_size"])
+        elif changed and consumed:
             log.warning(
                 "data settings changed since the checkpoint (%s, as (saved, now)): the plan of epoch %d differs, so it "
                 "restarts from its first pack instead of pack %d (some data of that epoch is seen twice)",

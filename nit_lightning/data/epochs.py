@@ -68,21 +68,54 @@ def load_sources(specs: list[dict[str, Any]], patch_size: int) -> list[Source]:
 
 
 @dataclass
+class Packing:
+    """Every pack LPFHP made for one epoch, in packing order (before any is dropped to even out the ranks)."""
+
+    ids: np.ndarray  # (N,) global sample ids, packs concatenated
+    offsets: np.ndarray  # (Q + 1,)
+    tokens: np.ndarray  # (N,) tokens per sample
+    fill: np.ndarray  # (Q,) tokens per pack
+    flips: np.ndarray  # (N,) the flip each sample gets this epoch, whichever plan trains it
+
+    def take(self, packs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sample positions in `ids`, new offsets) of these packs, in this order."""
+        sizes = np.diff(self.offsets)[packs]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        take = np.repeat(self.offsets[packs] - offsets[:-1], sizes) + np.arange(offsets[-1])
+        return take.astype(np.int64), offsets, sizes
+
+
+@dataclass
 class EpochPlan:
-    """Packs of one epoch: pack j holds global sample ids ids[offsets[j]:offsets[j+1]]; rank r owns packs r, r+W, ..."""
+    """Packs of one epoch: pack j holds global sample ids ids[offsets[j]:offsets[j+1]]; rank r owns packs r, r+W, ...
+
+    A plan continued on another world size (`continue_plan`) holds the epoch's remaining packs only: its steps are
+    counted from `first_step` (the steps the epoch had taken), its packs from `packing` position `first_pack`.
+    """
 
     epoch: int
     world_size: int
     ids: np.ndarray  # (M,) global sample ids (source offset + position in source), packs concatenated
-    offsets: np.ndarray  # (P + 1,) with P = packs_per_rank · world_size
+    offsets: np.ndarray  # (P + 1,) with P = (packs_per_rank - first_step) · world_size
     flips: np.ndarray  # (M,) bool: use the stored flipped latent
     tokens: np.ndarray  # (M,) tokens per entry
-    packs_per_rank: int
+    packs_per_rank: int  # steps of the whole epoch
     efficiency: float  # real tokens / (kept packs × tokens_per_pack)
     report: dict[str, int] = field(default_factory=dict)  # planned/kept/dropped counts, for logs and stats
+    packing: Packing | None = None
+    kept: np.ndarray | None = None  # (P,) position in `packing` of each pack of this plan, in plan order
+    first_step: int = 0
+    first_pack: int = 0
+    base_world: int = 0  # the world size the epoch was first planned for (its flips follow that plan)
+
+    def packs_done_after(self, steps: int) -> int:
+        """Position in `packing` just past the last pack consumed after `steps` steps of the epoch: every pack
+        before it was trained on or dropped, none after it was touched (what a resume on another world size needs)."""
+        consumed = min(max(steps - self.first_step, 0) * self.world_size, len(self.offsets) - 1)
+        return self.first_pack if consumed == 0 or self.kept is None else int(self.kept[consumed - 1]) + 1
 
     def rank_part(self, rank: int) -> "RankPlan":
-        """The packs of one rank, in its consumption order."""
+        """The packs of one rank, in its consumption order (from `first_step` on)."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside world size {self.world_size}")
         packs = np.arange(rank, len(self.offsets) - 1, self.world_size)
@@ -190,11 +223,15 @@ def build_plan(
         per_rank = packs_per_epoch
     report["unused_packs"] = int(num_packs - leftover - per_rank * world_size)
     kept = np.flatnonzero(keep)
-    sizes = np.diff(offsets)[kept]
-    new_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    take = np.repeat(offsets[kept] - new_offsets[:-1], sizes) + np.arange(new_offsets[-1])
+    full = Packing(ids, offsets.astype(np.int64), all_tokens[ids], fill, np.zeros(ids.size, dtype=bool))
+    take, new_offsets, _ = full.take(kept)
     ids = ids[take]
     flips = np.random.default_rng([seed, epoch, 0xF11]).random(ids.size) < flip_prob
+    # the samples of packs this plan leaves out get flips too: a plan continued on another world size may train them
+    full.flips[take] = flips
+    others = np.ones(full.ids.size, dtype=bool)
+    others[take] = False
+    full.flips[others] = np.random.default_rng([seed, epoch, 0xF12]).random(int(others.sum())) < flip_prob
     report.update(packs_per_rank=per_rank, kept_samples=int(ids.size), kept_tokens=int(all_tokens[ids].sum()))
     efficiency = report["kept_tokens"] / (len(kept) * tokens_per_pack) if len(kept) else 0.0
     if leftover or report["unused_packs"]:
@@ -205,7 +242,8 @@ def build_plan(
             f", and left {report['unused_packs']} packs unused (packs_per_epoch={packs_per_epoch})"
             if report["unused_packs"] else "",
         )  # fmt: skip
-    return EpochPlan(epoch, world_size, ids, new_offsets, flips, all_tokens[ids], per_rank, efficiency, report)
+    return EpochPlan(epoch, world_size, ids, new_offsets, flips, all_tokens[ids], per_rank, efficiency, report,
+                     packing=full, kept=kept, base_world=world_size)
 
 
 def hash_seed(seed: int, epoch: int) -> int:

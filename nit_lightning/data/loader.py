@@ -154,6 +154,7 @@ class EpochStart:
 
     epoch: int
     start: int  # first pack of this rank's plan (> 0 when resuming mid-epoch)
+    first_step: int  # steps of the epoch before this plan's first pack (> 0: a plan continued on another world size)
     rank: int
     rank_plan: RankPlan
     stats: LoaderStats
@@ -225,7 +226,7 @@ class PackLoader(DataLoader):
             stats.seconds = now - began
             stats.last_pack_tokens, stats.last_pack_images = batch.num_tokens, batch.num_images
             j += 1
-            self._owner.delivered(self._kind, epoch, j)
+            self._owner.delivered(self._kind, epoch, begun.first_step + j)  # steps of the whole epoch
             if stats.skipped_samples > limit:
                 raise TooMuchSkipped(
                     f"{self._kind} epoch {epoch}, rank {begun.rank}: {stats.skipped_samples} of the {total} planned "

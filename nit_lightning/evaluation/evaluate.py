@@ -63,7 +63,9 @@ def evaluate_batches(batches: Iterator[np.ndarray], ref: Reference, extractor: F
                      expected: int | None = None) -> dict[str, Any]:
     """FID, sFID, IS, precision, recall of uint8 NHWC batches against a reference."""
     check_extractor(ref, extractor, ref_path)
-    stats = ADMFeatureStats(extractor.dims["pool"], extractor.dims["spatial"], keep_rows=True)
+    # The whole set is read by this one process: no sync. Under torchrun/srun (sweep --sizes ... sharded) only rank 0
+    # evaluates while the others sample the next setting; a sync here would wait for them forever.
+    stats = ADMFeatureStats(extractor.dims["pool"], extractor.dims["spatial"], keep_rows=True, sync_on_compute=False)
     start = time.time()
     for batch in batches:
         stats.update(extractor(nhwc_to_tensor(batch)))

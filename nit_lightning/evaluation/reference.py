@@ -161,7 +161,8 @@ def build_reference(images_dir: str | Path, size: tuple[int, int], extractor: Fe
     chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(subset, n), replace=False))
     keep = np.zeros(n, dtype=bool)
     keep[chosen] = True
-    stats = ADMFeatureStats(extractor.dims["pool"], extractor.dims["spatial"], keep_rows=False)
+    # every image of the folder is read here: no sync with other ranks (which may not be computing statistics)
+    stats = ADMFeatureStats(extractor.dims["pool"], extractor.dims["spatial"], keep_rows=False, sync_on_compute=False)
     kept_images, kept_pool = [], []
     for b, batch in enumerate(iter_folder_batches(files, size, batch_size, num_workers)):
         feats = extractor(nhwc_to_tensor(batch))

@@ -5,6 +5,9 @@ Layout of a sweep output folder OUT:
   OUT/<HxW>/result.json     one setting's metrics and what made them (a finished setting is reused on rerun)
   OUT/results.json, OUT/results.md, OUT/tb/   all settings, a paper-style table with published numbers, TensorBoard
 References are looked up as REF_DIR/<HxW>.npz (e.g. references/256x256.npz, references/480x640.npz; H x W).
+results.json and results.md gather every setting ever finished into OUT, not only this run's: a run with --sizes,
+a rerun, or array tasks finishing at the same moment merge their rows under a lock (OUT/.results.lock), re-reading
+results.json inside it; this run's rows replace those of the same setting.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from nit_lightning.evaluation.evaluate import NOT_INCEPTION, evaluate_samples
 from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
-from nit_lightning.generation.settings import Sweep, SizeSetting, upgrade_sampler_record
-from nit_lightning.records import differences, read_json, write_json, write_text
+from nit_lightning.generation.settings import Sweep, SizeSetting, setting_from_dict, upgrade_sampler_record
+from nit_lightning.records import differences, plain, read_json, write_json, write_text
+from nit_lightning.records.lock import waiting_lock
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -90,8 +94,7 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         return {"results": results}
     summary = {"name": sweep.name, "published_model": sweep.published_model, "num": num, "features": extractor.name,
                "results": results}
-    write_json(out / "results.json", summary, indent=2)
-    write_text(out / "results.md", results_markdown(summary, list(sweep.settings), list(extra_metrics)))
+    summary = write_results(out, summary, list(extra_metrics))
     if tb:
         _log_tensorboard(out / "tb", results, METRIC_KEYS + tuple(extra_metrics))
     return summary
@@ -108,12 +111,55 @@ def _finished(done_file: Path) -> dict[str, Any] | None:
         return None
 
 
+def write_results(out: Path, summary: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """Merge this run's rows into OUT/results.json (rows of other settings kept), then render results.md from it.
+
+    Under a lock with a re-read inside it, so that array tasks finishing together each add their row; the merged
+    summary is returned. Kept rows measured with other settings than this run's (num, seed, features, weights) are
+    named in a warning and under the table.
+    """
+    summary = plain(summary)  # numpy scalars -> plain JSON values
+    with waiting_lock(out / ".results.lock"):
+        previous: dict[str, Any] = {}
+        if (out / "results.json").is_file():
+            try:
+                previous = read_json(out / "results.json", "sweep table").get("results", {})
+            except (OSError, ValueError) as error:  # a damaged table is rebuilt from this run's rows, loudly
+                log.warning("sweep: %s/results.json is unreadable (%s): it is rewritten with this run's rows only",
+                            out, error)
+        mine = summary["results"]
+        summary["results"] = {**{k: v for k, v in previous.items() if k not in mine}, **mine}
+        write_json(out / "results.json", summary, indent=2)
+        settings = sorted((setting_from_dict(r["config"]["setting"]) for r in summary["results"].values()),
+                          key=lambda setting: setting.size)  # height, then width: the order of the paper's sweeps
+        write_text(out / "results.md", results_markdown(summary, settings, extra, others=_other_runs(summary, mine)))
+    return summary
+
+
+def _other_runs(summary: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """Kept rows made with another num / seed / features / weights than this run's, as 'size (key: theirs)'."""
+    reference = next((r["config"] for r in mine.values()), None)
+    notes = []
+    for name, record in summary["results"].items():
+        if name in mine or reference is None:
+            continue
+        differ = [f"{k}: {record['config'].get(k)}" for k in ("num", "seed", "features", "weights_sha256")
+                  if record["config"].get(k) != reference.get(k)]
+        if differ:
+            notes.append(f"{name} ({', '.join(differ)})")
+    if notes:
+        log.warning("sweep: results.md keeps rows of earlier runs made with other settings: %s", "; ".join(notes))
+    return notes
+
+
 def _fmt(value: Any, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def results_markdown(summary: dict[str, Any], settings: list[SizeSetting], extra: list[str] | None = None) -> str:
-    """A paper-style table: ours, with the published numbers in parentheses; then the `extra` metric columns."""
+def results_markdown(summary: dict[str, Any], settings: list[SizeSetting], extra: list[str] | None = None,
+                     others: list[str] | None = None) -> str:
+    """A paper-style table: ours, with the published numbers in parentheses; then the `extra` metric columns.
+    `others`: rows kept from earlier runs with other settings, named under the table."""
     extra = list(extra or [])
     lines = [f"# Sweep {summary.get('name') or ''}: {summary['num']} samples per setting", "",
              f"Features: `{summary['features']}`" + ("" if is_reference_grade(summary["features"])
@@ -135,6 +181,8 @@ def results_markdown(summary: dict[str, Any], settings: list[SizeSetting], extra
         cells = [f"{_fmt(m.get(k), digits[k])} ({_fmt(pub.get(k), digits[k])})" for k in METRIC_KEYS]
         cells += [_fmt(m.get(k), 3) for k in extra]
         lines.append(f"{head} {m['num_samples']} | " + " | ".join(cells) + " |")
+    if others:
+        lines += ["", "Rows kept from earlier runs with other settings than the last run's: " + "; ".join(others)]
     return "\n".join(lines) + "\n"
 
 

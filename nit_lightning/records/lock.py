@@ -10,6 +10,7 @@ of an earlier run of the same SLURM job (a requeued job may come back on another
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -143,3 +144,16 @@ def folder_lock(folder: str | Path, what: str, *, enabled: bool = True) -> Itera
         yield
     finally:
         release(folder)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock on `path` held for the block, waiting for it (flock: the kernel releases it if the holder
+    dies). For short read-merge-write sections that concurrent runs share on purpose (array tasks adding rows to one
+    table), where `folder_lock` would refuse the second run."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -212,15 +212,16 @@ class GradNormMonitor(Callback):
 
 
 class PackLog(Callback):
-    """Appends {"rank", "step", "keys", "tokens"} per training batch to `<dirpath>/packs_rank<r>.jsonl` (data audit)."""
+    """Appends {"rank", "step", "epoch", "keys", "tokens"} per training batch to `<dirpath>/packs_rank<r>.jsonl`
+    (data audit: which images each step saw, e.g. across a resume on another process count)."""
 
     def __init__(self, dirpath: str = "pack_logs"):
         self.dirpath = Path(dirpath)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "step": trainer.global_step, "keys": list(batch.keys),
-                  "tokens": batch.num_tokens}
+        record = {"rank": trainer.global_rank, "step": trainer.global_step, "epoch": trainer.current_epoch,
+                  "keys": list(batch.keys), "tokens": batch.num_tokens}
         with open(self.dirpath / f"packs_rank{trainer.global_rank}.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -1,12 +1,17 @@
-"""Stop cleanly on a signal: save last.ckpt at the next step, requeue under SLURM, exit with a code that says so.
+"""Stop cleanly on a signal: save last.ckpt at the next step boundary, requeue under SLURM, exit with a code that
+says so.
 
 A `fit` stopped by `RequeueOnSignal` ends by raising `RequeueExit` (a SystemExit), so the process exits with:
   0   stopped and requeued by `scontrol requeue` (SLURM restarts the job itself);
   75  stopped at a checkpoint but not requeued by us (not under SLURM, SIGTERM, requeue=False, or scontrol failed):
-      `last.ckpt` is written, run the same command again to resume (75 = EX_TEMPFAIL of sysexits.h, "retry").
-Raising (rather than `trainer.should_stop`) keeps epoch-end and train-end hooks from running after the save: they
-would mark the epoch complete (ModelCheckpoint's train-end `last` save would then skip the rest of the epoch on
-resume) and could start long work (sampling, evaluation) inside SLURM's 120 s grace window.
+      `last.ckpt` is written, run the same command again to resume (75 = EX_TEMPFAIL of sysexits.h, "retry");
+  130 stopped by Ctrl-C (SIGINT) after saving last.ckpt (a second Ctrl-C exits at once, without saving).
+The signals are caught from process start to exit (nit_lightning/stop_signals.py); this callback acts on them at
+the end of a training batch, after every other callback's batch end (the CLI puts it last), the step's metrics logged
+first: Lightning's own mid-epoch checkpoint point, which it resumes from exactly. Raising
+(rather than `trainer.should_stop`) keeps epoch-end and train-end hooks from running after the save: they would mark
+the epoch complete (ModelCheckpoint's train-end `last` save would then skip the rest of the epoch on resume) and
+could start long work (sampling, evaluation) inside SLURM's 120 s grace window.
 """
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,12 +27,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from nit_lightning import stop_signals
 from nit_lightning.training.checkpoints import checkpoint_dir_of, save_checkpoint_atomic
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped at a checkpoint, run again to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, what a shell reports for it
 
 
 class RequeueExit(SystemExit):
@@ -40,17 +46,20 @@ def ensure_requeue_on_signal(trainer: Trainer) -> "RequeueOnSignal":
 
     Without it Lightning's SIGTERM handler stops a `fit` mid-epoch with exit code 0 and nothing saved since the last
     periodic checkpoint. Two would each install handlers and race for the flag: refused, naming the usual cause.
+    It goes last in the list: its stop at a batch end then comes after every other callback's batch end (the EMA
+    update, periodic checkpoints, pack logs, throughput metrics of that step).
     """
     found = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
     if len(found) > 1:
         raise ValueError(f"RequeueOnSignal is in the trainer's callbacks {len(found)} times: the experiment configs carry "
                          "it now, so drop --trainer.callbacks+=nit_lightning.training.fault_tolerance.RequeueOnSignal")
+    callback = found[0] if found else RequeueOnSignal()
     if found:
-        return found[0]
-    callback = RequeueOnSignal()
+        trainer.callbacks.remove(callback)
+    else:
+        rank_zero_info(f"RequeueOnSignal added (the config has none): SIGUSR1/SIGTERM/SIGINT save last.ckpt, then exit "
+                       f"{EXIT_REQUEUE} (SIGINT {EXIT_INTERRUPTED}) or requeue")
     trainer.callbacks.append(callback)
-    rank_zero_info(f"RequeueOnSignal added (the config has none): SIGUSR1/SIGTERM save last.ckpt, then exit "
-                   f"{EXIT_REQUEUE} or requeue")
     return callback
 
 
@@ -63,18 +72,21 @@ def slurm_job_id() -> str | None:
 
 
 class RequeueOnSignal(Callback):
-    """On SIGUSR1/SIGTERM: at the next batch end save last.ckpt atomically, `scontrol requeue` under SLURM, exit.
+    """On SIGUSR1/SIGTERM/SIGINT: at the next batch end save last.ckpt atomically, `scontrol requeue` under SLURM,
+    exit.
 
-    The signal handler only sets a flag (no I/O in a handler); ranks agree on it with one boolean all-reduce every
+    The signal handler (stop_signals.handle) only records; ranks agree on it with one boolean all-reduce every
     `check_every_n_steps` batches, so all ranks stop at the same step even if the signal reached them apart.
     Only `requeue_signals` (SIGUSR1: SLURM's time-limit warning) call `scontrol requeue`; SIGTERM saves and exits
     without it, since it comes from `scancel` (the user wants the job gone) or from preemption (SLURM requeues a job
-    preempted with PreemptMode=REQUEUE itself). Lightning's own SLURM auto-requeue is switched off (logged).
+    preempted with PreemptMode=REQUEUE itself); SIGINT saves and exits 130. A signal that came before training is
+    acted on after the first step; one during or after the last step changes nothing: the run ends as usual
+    (stop_signals). Lightning's own SLURM auto-requeue is switched off (logged).
     """
 
     def __init__(
         self,
-        signals: Sequence[str] = ("SIGUSR1", "SIGTERM"),
+        signals: Sequence[str] = ("SIGUSR1", "SIGTERM", "SIGINT"),
         requeue_signals: Sequence[str] = ("SIGUSR1",),
         dirpath: str | None = None,
         filename: str = "last.ckpt",
@@ -88,11 +100,10 @@ class RequeueOnSignal(Callback):
             raise ValueError(f"check_every_n_steps={check_every_n_steps} must be >= 1")
         self.dirpath, self.filename, self.requeue = dirpath, filename, requeue
         self.check_every_n_steps = check_every_n_steps
-        self.received: int | None = None  # signal number, set by the handler
         self.stopped_at_step: int | None = None
         self.saved_path: str | None = None
         self.exit_code = EXIT_OK
-        self._previous: dict[int, Any] = {}
+        self._handler = stop_signals.handle
 
     @staticmethod
     def _parse_signal(name: str) -> signal.Signals:
@@ -101,12 +112,16 @@ class RequeueOnSignal(Callback):
         except (KeyError, ValueError) as error:
             raise ValueError(f"unknown signal {name!r}; use names like 'SIGUSR1', 'SIGTERM'") from error
 
-    def _handler(self, signum: int, _frame: Any) -> None:
-        if self.received is None:
-            self.received = signum
+    @property
+    def received(self) -> int | None:
+        """The first of our signals this run received (stop_signals records it), None before any."""
+        received = stop_signals.STATE.received
+        return received if received in self.signals else None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # runs before Lightning registers its signal handlers (Trainer._run), so its SLURM handler never installs
+        if stop_signals.STATE.phase == "finished":
+            stop_signals.new_run()  # an earlier fit of this process (tests); `python -m` runs one
         environment = trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment):
             # Lightning checks --nodes / --ntasks-per-node against the Trainer only for processes it launches itself;
@@ -117,13 +132,11 @@ class RequeueOnSignal(Callback):
             log.info("RequeueOnSignal: Lightning's SLURM auto_requeue switched off; this callback handles requeue")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # after Lightning's handlers (registered before the stage runs): ours replace them for our signals, so a
-        # SIGTERM no longer raises Lightning's SIGTERMException mid-step before the checkpoint is written
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("RequeueOnSignal: not on the main thread, cannot install signal handlers; callback inactive")
-            return
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handler)
+        # after Lightning's handlers (registered before the stage runs): ours replace its SIGTERM handler, which would
+        # raise SIGTERMException mid-step before the checkpoint is written. `python -m nit_lightning` installed ours at
+        # process start already (Lightning's then wraps it); a Trainer inside another program gets it from here on.
+        stop_signals.install(self.signals)
+        stop_signals.set_phase("training")
         log.info("RequeueOnSignal: handling %s", ", ".join(s.name for s in self.signals))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -131,6 +144,11 @@ class RequeueOnSignal(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # that was the last step: training ends as usual, with its checkpoints (_finish says so)
+        # Lightning logs a step's metrics after the batch-end hooks, which the stop skips: this step's go out now
+        # (else the resumed run's log would lack the step it stopped at)
+        trainer._logger_connector.update_train_step_metrics()
         self._stop_for_requeue(trainer)
 
     def _stop_for_requeue(self, trainer: Trainer) -> None:
@@ -155,6 +173,10 @@ class RequeueOnSignal(Callback):
         raise RequeueExit(self.exit_code)
 
     def _requeue(self) -> int:
+        if self.received == signal.SIGINT:
+            log.warning("RequeueOnSignal: stopped by Ctrl-C (SIGINT); exit code %d: run again to resume",
+                        EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
         job_id = slurm_job_id()
         why = ("requeue=False" if not self.requeue else "no SLURM_JOB_ID" if job_id is None
                else None if self.received in self.requeue_signals
@@ -177,12 +199,14 @@ class RequeueOnSignal(Callback):
         return EXIT_OK
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore_handlers()
+        self._finish()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()  # Lightning skips the teardown hooks when fit ends by an exception (ours included)
+        self._finish()  # Lightning skips the teardown hooks when fit ends by an exception (ours included)
 
-    def _restore_handlers(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
+    def _finish(self) -> None:
+        if stop_signals.STATE.phase == "training" and self.received is not None and self.stopped_at_step is None:
+            log.warning("RequeueOnSignal: %s came after the last training step: the run is complete, nothing to "
+                        "requeue", signal.Signals(self.received).name)
+        stop_signals.set_phase("finished")  # the handler stays (process-wide) until exit: a late signal is ignored
+        stop_signals.uninstall()  # ... unless fit runs inside another program (tests): its handlers come back
