@@ -103,7 +103,7 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert summary["results"]["16x16"]["status"] == "ok"
     assert summary["results"]["16x32"]["status"] == "failed" and "16x32.npz" in summary["results"]["16x32"]["error"]
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| 16x16 | EULER 2 | 1.5 | [0, 0.7] | 10 |" in table and "(1.00)" in table and "failed" in table
+    assert "| 16x16 | euler 2 | 2 (1 with CFG) | 1.5 | [0, 0.7] | 10 |" in table and "(1.00)" in table and "failed" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["num"] == 10
     assert list((tmp_path / "out" / "tb").iterdir())
     _reference(tmp_path / "refs" / "16x32.npz", features, 16, 32)
@@ -120,7 +120,7 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert calls == ["16x16", "16x32"]
     assert all(0 < r["metrics"]["mean_px"] < 1 for r in summary["results"].values())
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| Rec | mean_px |" in table and table.count("|---") == 11
+    assert "| Rec | mean_px |" in table and table.count("|---") == 12
 
 
 @pytest.mark.slow

@@ -109,6 +109,14 @@ class NativeLatentDataModule(L.LightningDataModule):
             "max_skipped_fraction": self.max_skipped_fraction,
         }
 
+    def trained_tokens(self) -> list[int] | None:
+        """[fewest, most] tokens of one training image (index.json lengths at the patch size, sources of weight > 0):
+        the token grids a checkpoint was trained on (records.SamplingRecipe)."""
+        lengths = [s.tokens for s in self._sources["train"] if s.weight > 0 and s.num_samples]
+        if not lengths:
+            return None
+        return [int(min(t.min() for t in lengths)), int(max(t.max() for t in lengths))]
+
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:
         """The (cached) global plan of one epoch; validation always uses epoch 0, no flips, the fixed seed."""

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.datamodule import NativeLatentDataModule
-from nit_lightning.records import CheckpointMeta
+from nit_lightning.records import CheckpointMeta, SamplingRecipe, plain
 from nit_lightning.training.checkpoints import checkpoint_dir_of
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
 from nit_lightning.training.optim import adamw_with_schedule
@@ -52,6 +52,9 @@ class NiTModule(LightningModule):
             encoder at the local path `repa_encoder` (see training/encoders.py).
         init_from: official safetensors loaded strictly into the net before training (SPEC §9).
         seed: base of the per-(rank, step) generators for noise, times and label dropout.
+        sampler: the sampler this model is meant to be sampled with (SamplerSettings keys, e.g. {method: heun,
+            steps: 8, cfg_scale: 3.0, cfg_interval: [0, 0.9]}). Every checkpoint records it with the token grids
+            trained on (CheckpointMeta.sampling); `sample` and the sample-grid callback use it unless told otherwise.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class NiTModule(LightningModule):
         repa_encoder: str | None = None,
         init_from: str | None = None,
         seed: int = 0,
+        sampler: dict[str, Any] | None = None,
     ):
         super().__init__()
         from nit_lightning.diffusion.flow import FlowMatchingLoss
@@ -106,6 +110,10 @@ class NiTModule(LightningModule):
         if not lr > 0:
             raise ValueError(f"model.lr={lr} must be > 0")
         self.compile_mode = resolve_compile_mode(compile, compile_blocks)
+        if sampler is not None:  # a misspelt key fails here, not when someone samples the finished run
+            from nit_lightning.generation.settings import SamplerSettings
+
+            SamplerSettings.from_dict(plain(sampler), where="model.sampler")
         if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
                              f"{lr_schedule!r}, {lr_min_ratio}")
@@ -289,8 +297,16 @@ class NiTModule(LightningModule):
                 "loss": out.per_image.cpu()}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
+    def sampling_recipe(self) -> SamplingRecipe:
+        """The recommended sampler (model.sampler) and the token grids of the training data, when known."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        sampler = self.hparams.get("sampler")
+        return SamplingRecipe(sampler=plain(sampler) if sampler is not None else None,
+                              trained_tokens=dm.trained_tokens() if isinstance(dm, NativeLatentDataModule) else None)
+
     def checkpoint_meta(self) -> CheckpointMeta:
-        """What `generation.pipeline.load_pipeline` and a resume need: the net, its codec, the data it trained on."""
+        """What `generation.pipeline.load_pipeline` and a resume need: the net, its codec, the data it trained on, how
+        to sample it."""
         dm = self._trainer.datamodule if self._trainer is not None else None
         described = isinstance(dm, NativeLatentDataModule)
         return CheckpointMeta(
@@ -301,6 +317,7 @@ class NiTModule(LightningModule):
             data=dm.provenance() if described else None,
             step=int(self._trainer.global_step) if self._trainer is not None else None,
             skipped_steps=int(self.skipped_steps),
+            sampling=self.sampling_recipe().as_dict(),
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
