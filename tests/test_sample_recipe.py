@@ -134,3 +134,15 @@ def test_a_checkpoint_without_a_recipe_samples_with_the_defaults_and_says_so(tmp
     assert _provenance(tmp_path / "s" / "8x8")["sampler"]["rope_interp_side"] is None
     assert "records no trained token range" in caplog.text and "method euler (default)" in caplog.text
     assert len(list((tmp_path / "s" / "8x8").glob("*.png"))) == 3  # 3 classes
+
+
+def test_the_paper_configs_recommend_the_papers_256_sampler():
+    import yaml
+
+    from nit_lightning.generation.settings import load_sweep
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    paper = load_sweep(experiments / "sweeps" / "resolution.yaml").select(["256x256"]).settings[0].sampler
+    for path in sorted(experiments.glob("nit_*.yaml")):
+        sampler = yaml.safe_load(path.read_text())["model"]["sampler"]
+        assert resolve_sampler({}, SamplingRecipe(sampler=sampler)).sampler == paper, path.name

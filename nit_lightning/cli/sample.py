@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("sample", __doc__, renamed=RENAMED)
     p.add_argument("--ckpt", required=True, help="Lightning .ckpt of NiTModule or official NiT .safetensors")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--sizes", help="pixel sizes HxW, comma-separated, e.g. 256x256,320x960")
-    which.add_argument("--sweep", help="sweep file of per-size sampler settings (experiments/sweeps/*.yaml)")
+    which.add_argument("--sizes", help="pixel sizes HxW, comma-separated, e.g. 256x256,320x960 (this or --sweep is "
+                                          "required)")
+    which.add_argument("--sweep", help="sweep file of per-size sampler settings (experiments/sweeps/*.yaml), taken as "
+                                          "written (this or --sizes is required)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per size, exactly (default: one per class, at most 16: a grid to look at; the paper's "
                         "protocol: --num-samples 50000, or --sweep experiments/sweeps/resolution.yaml)")
@@ -73,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     png.add_argument("--save-png", dest="save_png", action="store_true", default=True, help="keep the PNGs (default)")
     png.add_argument("--no-png", dest="save_png", action="store_false",
                      help="PNGs serve only as the resumable store and are removed once the npz is written")
-    p.add_argument("--round", choices=ROUND_MODES, default=None, help="round invalid sizes instead of failing")
+    p.add_argument("--round", choices=ROUND_MODES, default=None,
+                   help="round sizes that are not a multiple of codec factor x patch (default: refuse them)")
     p.add_argument("--live-weights", action="store_true", help="use the live weights instead of the EMA ones")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 
