@@ -185,7 +185,7 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     cb.setup(trainer, module, "fit")
     cb.on_train_batch_end(trainer, module, None, None, 0)
     assert swaps == [module] and logged[0][0] == 5
-    assert set(logged[0][1]) == {f"eval/8x8/{k}" for k in ("fid", "sfid", "is", "precision", "recall")}
+    assert set(logged[0][1]) == {f"quality/8x8/{k}" for k in ("fid", "sfid", "is", "precision", "recall")}
     assert cb.last_results["8x8"]["num_samples"] == 6
     with pytest.raises(FileNotFoundError, match="16x16.npz"):
         EvaluationCallback(str(tmp_path / "refs"), settings=[{**setting, "size": "16x16"}]).setup(trainer, module, "fit")

@@ -188,7 +188,7 @@ class Demo:
                 raise RuntimeError(f"run {name} stopped at step {trainer.global_step} of {steps}; rerun to resume")
             trainer.save_checkpoint(final)  # through the trainer: nit_meta and the EMA weights, like every checkpoint
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            info.update(steps=trainer.global_step, final_loss=metrics.get("train/loss"))
+            info.update(steps=trainer.global_step, final_loss=metrics.get("loss/train"))
             record.info = {"steps": trainer.global_step, "metrics": metrics}
             record.write(done)
         return final

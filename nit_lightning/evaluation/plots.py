@@ -20,6 +20,7 @@ Size = tuple[int, int]
 Series = Mapping[str, Mapping[Size, Mapping[str, float]]]  # label -> size -> metric -> value
 LABELS = {"fid": "FID ↓", "sfid": "sFID ↓", "is": "IS ↑", "precision": "precision ↑", "recall": "recall ↑",
           "class_acc": "class accuracy ↑", "shape_acc": "shape accuracy ↑"}
+FRACTIONS = {"precision", "recall", "class_acc", "shape_acc"}  # drawn on [0, 1]: a small wobble must not look large
 PUBLISHED_STYLE = {"linestyle": "--", "marker": "o", "markerfacecolor": "white", "color": "0.35"}
 
 
@@ -51,7 +52,7 @@ def metric_charts(series: Series, metrics: Sequence[str], out_dir: str | Path, *
                                ("metrics_vs_aspect.png", aspect_sizes(sizes), "aspect")):
         shown = [m for m in metrics if any(m in points.get(s, {}) for points in series.values() for s in chosen)]
         if chosen and shown:
-            figure = _figure(series, shown, chosen, axis, published or {}, published_label, chance or {}, title)
+            figure = metric_figure(series, shown, chosen, axis, published or {}, published_label, chance or {}, title)
             written.append(_save(figure, out_dir / name))
     return written
 
@@ -60,7 +61,7 @@ def _x(size: Size, axis: str) -> float:
     return float(size[0]) if axis == "side" else math.log2(size[0] / size[1])
 
 
-def _figure(series: Series, metrics: Sequence[str], sizes: list[Size], axis: str,
+def metric_figure(series: Series, metrics: Sequence[str], sizes: list[Size], axis: str,
             published: Mapping[Size, Mapping[str, float]], published_label: str, chance: Mapping[str, float],
             title: str | None):
     import matplotlib
@@ -83,6 +84,8 @@ def _figure(series: Series, metrics: Sequence[str], sizes: list[Size], axis: str
         if metric in chance:
             ax.axhline(chance[metric], color="0.6", linestyle=":", label="chance")
         ax.set_title(LABELS.get(metric, metric))
+        if metric in FRACTIONS:
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xticks([_x(s, axis) for s in sizes])
         ax.set_xticklabels([f"{s[0]}" if axis == "side" else format_size(s) for s in sizes],
                            rotation=0 if axis == "side" else 45, fontsize=8)

@@ -267,18 +267,19 @@ class NiTModule(LightningModule):
             self.skipped_steps += 1
             log.warning("skipping %s: non-finite loss %s, batch keys %s (%d skipped so far)",
                         where, loss.detach().cpu().item(), keys, self.skipped_steps)
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
+            self.log("optim/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
             return None
         B = batch.num_images
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.parts.items() if k != "nonfinite"}, batch_size=B)
+        # TensorBoard sorts tag groups by name: loss/, lr-AdamW, optim/, perf/ come before samples and data health.
+        self.log("loss/train", loss.detach(), prog_bar=True, batch_size=B)
+        self.log_dict({f"loss/train_{k}": v.detach() for k, v in out.parts.items() if k != "nonfinite"}, batch_size=B)
         return loss
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         # Fixed noise per (rank, batch): validation losses of different epochs are comparable. No label dropout.
         generator = self._generator(0, batch_idx, "val")
         out = self._loss(batch, batch.y, generator)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
+        self.log("loss/val", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
         return out.loss
 
     def test_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:

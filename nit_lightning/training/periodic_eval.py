@@ -2,7 +2,8 @@
 
 Samples come from the generation iterator (image i: label i mod classes, seed derive_seed(seed, i), so the set does
 not depend on the GPU count); every rank makes its share, features are reduced with the DDP-safe `ADMFeatureStats`,
-and rank 0 logs `<prefix>/<HxW>/{fid,sfid,is,precision,recall}` to the trainer's loggers.
+and rank 0 logs `<prefix>/<HxW>/{fid,sfid,is,precision,recall}` to the trainer's loggers (prefix `quality`: the group
+sorts after loss/, lr, optim/ and perf/ in TensorBoard).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class EvaluationCallback(SamplingCallback):
                  settings: Sequence[dict[str, Any]] | None = None, sizes: Sequence[str] | None = None,
                  num_samples: int = 500, features: str = "inception", codec: str | dict | Codec | None = None,
                  steps: int | None = None, seed: int = 0, tokens_per_forward: int = 16384, at_train_end: bool = True,
-                 prefix: str = "eval") -> None:
+                 prefix: str = "quality") -> None:
         super().__init__(every_n_steps, at_train_end, codec)
         if num_samples < 2:
             raise ValueError(f"num_samples ({num_samples}) must be >= 2 (a covariance needs two samples)")

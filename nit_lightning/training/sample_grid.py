@@ -129,13 +129,18 @@ class SampleGridCallback(SamplingCallback):
         logged = False
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if callable(getattr(experiment, "add_image", None)):
+            if callable(getattr(experiment, "add_image", None)):  # TensorBoard
                 for name, grid in grids.items():
                     experiment.add_image(self._tag(parse_size(name), multiple, recipe), grid, global_step=step,
                                          dataformats="CHW")
                 logged = True
+            elif callable(getattr(logger, "log_image", None)):  # WandbLogger
+                for name, grid in grids.items():
+                    logger.log_image(key=self._tag(parse_size(name), multiple, recipe),
+                                     images=[grid.permute(1, 2, 0).numpy()], step=step)
+                logged = True
         if not logged and not self._said_no_image_logger:
-            log.warning("SampleGridCallback: no logger with add_image (TensorBoard); grids go to save_dir only")
+            log.warning("SampleGridCallback: no logger takes images (TensorBoard, wandb); grids go to save_dir only")
             self._said_no_image_logger = True
         if self.save_dir is not None:
             from PIL import Image
