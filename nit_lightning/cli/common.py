@@ -46,6 +46,21 @@ def parser(prog: str, description: str, renamed: dict[str, str] | None = None) -
     return p
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads N: torch intra-op threads (what `make ... THREADS=N` passes on)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own, one per core; 1 on a machine under load)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def subparser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser:
     """A sub-command's parser in the same style (no abbreviations, defaults in the help)."""
     return subparsers.add_parser(name, help=help, description=help, allow_abbrev=False, formatter_class=HelpFormatter)

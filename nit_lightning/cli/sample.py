@@ -18,7 +18,7 @@ from typing import Any
 
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import run_command
+from nit_lightning.cli.common import add_threads, apply_threads, run_command
 from nit_lightning.data.sizes import ROUND_MODES, parse_sizes
 from nit_lightning.diffusion.sampling import METHODS
 from nit_lightning.generation.sample_set import SampleRun, run_sample
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round sizes that are not a multiple of codec factor x patch (default: refuse them)")
     p.add_argument("--live-weights", action="store_true", help="use the live weights instead of the EMA ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_threads(p)
     return p
 
 
@@ -95,6 +96,7 @@ def sampler_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     flags = sampler_flags(args)
     run = SampleRun(ckpt=args.ckpt, out=args.out, settings=list(load_sweep(args.sweep).settings) if args.sweep else [],
                     sizes=parse_sizes(args.sizes) if args.sizes else [], sampler_flags=flags,

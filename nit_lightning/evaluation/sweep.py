@@ -24,6 +24,7 @@ from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
 from nit_lightning.generation.settings import Sweep, SizeSetting, upgrade_sampler_record
 from nit_lightning.records import differences, read_json, write_json, write_text
+from nit_lightning.records.names import WEIGHTS_DOCS
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -71,8 +72,9 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         try:
             ref_path = Path(ref_dir) / f"{name}.npz"
             if not ref_path.is_file():
-                raise FileNotFoundError(f"no reference for {name}: expected {ref_path} (build it with `python -m "
-                                        f"nit_lightning reference build --size {name} --out {ref_path} ...`)")
+                raise FileNotFoundError(f"no reference for {name}: expected {ref_path} (ADM's 256/512: {WEIGHTS_DOCS}; "
+                                        f"build others with `python -m nit_lightning reference build --size {name} "
+                                        f"--out {ref_path} ...`)")
             samples = sample_fn(setting, out / "samples")
             if not ranks.is_main:  # under torchrun every rank samples its share; rank 0 alone evaluates and writes
                 results[name] = {"status": "sampled", "config": config}

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nit_lightning.records.names import WEIGHTS_DOCS
+
 
 class LocalTorchEncoder:
     """A frozen ViT from a local TorchScript (or torch.save'd nn.Module) file, aligned one encoder patch per token.
@@ -50,7 +52,7 @@ def load_repa_encoder(
     if not Path(path).exists():
         raise FileNotFoundError(
             f"REPA encoder {path!r} not found: export the frozen encoder (e.g. RADIO-v2.5 via torch.jit.trace) to a "
-            "local .pt file and pass model.repa_encoder=/path/to/encoder.pt[:patch_size]"
+            f"local .pt file and pass model.repa_encoder=/path/to/encoder.pt[:patch_size] ({WEIGHTS_DOCS})"
         )
     if codec is None:
         raise ValueError("REPA features from an encoder need the data's codec to decode latents; the datamodule has none")

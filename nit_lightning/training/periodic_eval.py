@@ -22,6 +22,7 @@ from nit_lightning.evaluation.extractors import FeatureExtractor, load_feature_e
 from nit_lightning.evaluation.metrics import compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.settings import Sweep, load_sweep, setting_from_dict
+from nit_lightning.records.names import WEIGHTS_DOCS
 from nit_lightning.training.periodic import SamplingCallback
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class EvaluationCallback(SamplingCallback):
                    if not (self.ref_dir / f"{s.name}.npz").is_file()]
         if missing:
             raise FileNotFoundError(f"EvaluationCallback: reference batches {missing} not found; build them with "
-                                    "`python -m nit_lightning reference build`")
+                                    f"`python -m nit_lightning reference build` (ADM's 256/512: {WEIGHTS_DOCS})")
 
     def fire(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run(trainer, pl_module)
