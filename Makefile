@@ -12,6 +12,12 @@ REF_DIR ?= references
 NUM ?= 50000
 OUT ?= outputs/sweeps
 SWEEP_ARGS ?=
+# THREADS=N: torch intra-op threads for every target (`--threads N` to the demo and sweeps, OMP_NUM_THREADS=N for the
+# tests and benches). On a machine shared with other busy processes, THREADS=1 (README: 2 threads under load made a
+# step 10x slower). Empty: the demo config's threads, torch's default elsewhere.
+THREADS ?=
+THREADS_FLAG := $(if $(THREADS),--threads $(THREADS))
+THREADS_ENV := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS))
 
 .PHONY: install test test-fast test-slurm demo demo-ablation bench gpu-check eval-res-sweep eval-ar-sweep clean
 
@@ -28,11 +34,11 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(THREADS_ENV) $(PY) -m pytest -q
 
 # Skips the tests marked slow (multi-process DDP, end-to-end commands).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(THREADS_ENV) $(PY) -m pytest -q -m "not slow"
 
 # The sbatch scripts on a real two-node SLURM cluster on this host (tests/slurm, docs/slurm.md): needs root, installs
 # Debian's slurmctld/slurmd/slurm-client/munge if absent, starts the daemons, stops them at the end (also on failure).
@@ -41,33 +47,33 @@ test-slurm: install
 	$(PY) tests/slurm/slurm_cluster.py down >/dev/null; exit $$status
 
 demo: install
-	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT)
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) $(THREADS_FLAG)
 
 demo-ablation: install
-	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --ablation
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --ablation $(THREADS_FLAG)
 
 bench: install
-	$(PY) bench/attention.py
-	$(PY) bench/packing.py
-	$(PY) bench/train_step.py
-	$(PY) bench/sampling.py
-	$(PY) bench/prepare.py
+	$(THREADS_ENV) $(PY) bench/attention.py $(THREADS_FLAG)
+	$(THREADS_ENV) $(PY) bench/packing.py
+	$(THREADS_ENV) $(PY) bench/train_step.py
+	$(THREADS_ENV) $(PY) bench/sampling.py
+	$(THREADS_ENV) $(PY) bench/prepare.py
 
 gpu-check: install
-	$(PY) bench/gpu_check.py --out outputs/gpu_check.json
+	$(THREADS_ENV) $(PY) bench/gpu_check.py --out outputs/gpu_check.json
 
 eval-res-sweep: install
 ifeq ($(CKPT),)
-	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_resolution.yaml
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_resolution.yaml $(THREADS_FLAG)
 else
-	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/resolution $(SWEEP_ARGS)
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/resolution.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/resolution $(THREADS_FLAG) $(SWEEP_ARGS)
 endif
 
 eval-ar-sweep: install
 ifeq ($(CKPT),)
-	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_aspect_ratio.yaml
+	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --sweep experiments/sweeps/demo_aspect_ratio.yaml $(THREADS_FLAG)
 else
-	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/aspect_ratio $(SWEEP_ARGS)
+	$(PY) -m nit_lightning sweep --sweep experiments/sweeps/aspect_ratio.yaml --ckpt $(CKPT) --ref-dir $(REF_DIR) --num-samples $(NUM) --out $(OUT)/aspect_ratio $(THREADS_FLAG) $(SWEEP_ARGS)
 endif
 
 clean:

@@ -446,10 +446,16 @@ def test_skipped_data_reaches_the_logger_and_a_summary_line(data, caplog, max_st
         trainer.fit(_Recorder.build([]), datamodule=dm)
     stats = dm.stats["train"]
     assert stats.skipped_samples > 0 and stats.skipped_shard_names == ["native/shard-000001.tar"]
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
-    assert metrics == {"data/skipped_samples": stats.skipped_samples, "data/skipped_shards": 1.0,
-                       "data/planned_samples": stats.planned_samples,
-                       "data/skipped_fraction": pytest.approx(stats.skipped_samples / stats.planned_samples)}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_data/")}
+    plan = dm.plan_report
+    # The epoch's plan beside what was delivered: an epoch cut short by max_steps reads as a fraction below 1 (it used
+    # to read as `data/planned_samples` dropping, like lost data).
+    assert metrics == {"train_data/skipped_samples": stats.skipped_samples, "train_data/skipped_shards": 1.0,
+                       "train_data/epoch_samples_delivered": stats.planned_samples,
+                       "train_data/epoch_samples_planned": plan["kept_samples"],
+                       "train_data/epoch_fraction_delivered": pytest.approx(stats.packs / plan["packs_per_rank"]),
+                       "train_data/skipped_fraction": pytest.approx(stats.skipped_samples / stats.planned_samples)}
+    assert (metrics["train_data/epoch_fraction_delivered"] < 1) == (max_steps == 5)
     line = [r.getMessage() for r in caplog.records if "train epoch 0 data:" in r.getMessage()]
     assert len(line) == 1 and f"{stats.skipped_samples} skipped" in line[0] and "native/shard-000001.tar" in line[0]
     if max_steps == -1:

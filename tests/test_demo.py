@@ -98,6 +98,38 @@ def test_quick_ablation_runs_end_to_end(quick_ablation):
 
 
 @pytest.mark.slow
+def test_the_demo_model_carries_its_recipe_and_is_looked_at_where_people_look(quick_ablation, tmp_path):
+    """The checkpoint records the config's sampler and its trained token range; `sample` with no sampler flags
+    samples the demo model as the demo does (RoPE interpolated beyond the trained 8 tokens); the report embeds the
+    charts and labelled grids; TensorBoard grids include an unseen aspect ratio."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nit_lightning.cli.sample import main as sample_main
+    from nit_lightning.data.shards import load_index
+    from nit_lightning.records import CheckpointMeta, SettingsRecord
+
+    out, _ = quick_ablation
+    config = load_config(QUICK)
+    ckpt = out / "runs" / "native" / "checkpoints" / "final.ckpt"
+    recipe = CheckpointMeta.from_checkpoint(torch.load(ckpt, weights_only=True), ckpt).recipe
+    lengths = [n for shard in load_index(out / "data" / "shards" / "native")["shards"] for n in shard["lengths"]]
+    assert recipe.sampler == config["fit"]["model"]["sampler"] and recipe.trained_tokens == [min(lengths), max(lengths)]
+    assert recipe.trained_side == 8  # 64 px sides of 8 px tokens
+    demo_sampler = SettingsRecord.read(out / "runs" / "native" / "samples" / "32x96" / "provenance.json").settings
+    assert sample_main(["--ckpt", str(ckpt), "--sizes", "32x96", "--out", str(tmp_path / "s"), "--device", "cpu",
+                        "--no-progress", "--num-samples", str(config["sample"]["num_samples"])]) == 0
+    mine = SettingsRecord.read(tmp_path / "s" / "32x96" / "provenance.json").settings
+    assert mine["sampler"] == demo_sampler["sampler"] and mine["sampler"]["rope_interp_side"] == 8
+    assert (tmp_path / "s" / "grid.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "plots/metrics_vs_side.png" in report and "plots/metrics_vs_aspect.png" in report
+    assert (out / "plots" / "metrics_vs_side.png").is_file() and (out / "plots" / "metrics_vs_aspect.png").is_file()
+    events = EventAccumulator(str(out / "runs" / "native" / "tb"), size_guidance={"images": 0}).Reload()
+    assert {"samples/seen/32x32", "samples/seen/64x64", "samples/unseen/32x96"} <= set(events.Tags()["images"])
+
+
+@pytest.mark.slow
 def test_rerun_reuses_every_finished_step(quick_ablation):
     out, first = quick_ablation
     again = run_demo(load_config(QUICK), out, ablation=True, threads=1)

@@ -108,7 +108,7 @@ def test_end_to_end_section_runs_the_user_path_on_cpu(tmp_path):
     rows = {row["section"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"e2e-synth", "e2e-prepare", "e2e-fit", "e2e-sample"}
     assert all(row["rc"] == 0 for row in rows.values())
-    assert rows["e2e-prepare"]["images"] == 40 and rows["e2e-fit"]["perf/tokens_per_sec"] > 0
+    assert rows["e2e-prepare"]["images"] == 40 and rows["e2e-fit"]["perf/tokens_per_s"] > 0
     assert rows["e2e-fit"]["fit_vs_raw"] > 0 and rows["e2e-sample"]["images_per_s"] > 0
 
 

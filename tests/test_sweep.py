@@ -104,7 +104,7 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert summary["results"]["16x16"]["status"] == "ok"
     assert summary["results"]["16x32"]["status"] == "failed" and "16x32.npz" in summary["results"]["16x32"]["error"]
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| 16x16 | EULER 2 | 1.5 | [0, 0.7] | 10 |" in table and "(1.00)" in table and "failed" in table
+    assert "| 16x16 | euler 2 | 2 (1 with CFG) | 1.5 | [0, 0.7] | 10 |" in table and "(1.00)" in table and "failed" in table
     assert json.loads((tmp_path / "out" / "results.json").read_text())["num"] == 10
     assert list((tmp_path / "out" / "tb").iterdir())
     _reference(tmp_path / "refs" / "16x32.npz", features, 16, 32)
@@ -121,7 +121,7 @@ def test_sweep_resume_failure_isolation_and_tables(tmp_path, features):
     assert calls == ["16x16", "16x32"]
     assert all(0 < r["metrics"]["mean_px"] < 1 for r in summary["results"].values())
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| Rec | mean_px |" in table and table.count("|---") == 11
+    assert "| Rec | mean_px |" in table and table.count("|---") == 12
 
 
 @pytest.mark.slow
@@ -186,7 +186,7 @@ def test_evaluation_callback_logs_metrics_and_is_rank_count_invariant(tmp_path, 
     cb.setup(trainer, module, "fit")
     cb.on_train_batch_end(trainer, module, None, None, 0)
     assert swaps == [module] and logged[0][0] == 5
-    assert set(logged[0][1]) == {f"eval/8x8/{k}" for k in ("fid", "sfid", "is", "precision", "recall")}
+    assert set(logged[0][1]) == {f"quality/8x8/{k}" for k in ("fid", "sfid", "is", "precision", "recall")}
     assert cb.last_results["8x8"]["num_samples"] == 6
     with pytest.raises(FileNotFoundError, match="16x16.npz"):
         EvaluationCallback(str(tmp_path / "refs"), settings=[{**setting, "size": "16x16"}]).setup(trainer, module, "fit")

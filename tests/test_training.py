@@ -112,7 +112,7 @@ def test_fit_on_real_datamodule_writes_meta_and_ema(shards, tmp_path, monkeypatc
     trainer = cli.trainer
     assert trainer.global_step == 3
     metrics = trainer.callback_metrics
-    for name in ("train/loss", "train/mse", "train/direction", "train/grad_norm", "perf/tokens_per_sec", "perf/mfu",
+    for name in ("loss/train", "loss/train_mse", "loss/train_direction", "optim/grad_norm", "perf/tokens_per_s", "perf/mfu",
                  "perf/packing_efficiency", "perf/tokens_seen"):
         assert name in metrics and torch.isfinite(metrics[name]), name
     assert 0 < float(metrics["perf/packing_efficiency"]) <= 1
@@ -194,7 +194,7 @@ def test_validation_runs_with_ema_weights_and_restores_live_ones(shards, tmp_pat
                                             "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0"]
     cli = run_cli(args, trainer_defaults={"callbacks": [seen]})
     ema = [c for c in cli.trainer.callbacks if type(c).__name__ == "EMA"][0]
-    assert "val/loss" in cli.trainer.callback_metrics
+    assert "loss/val" in cli.trainer.callback_metrics
     assert torch.equal(seen.weight, ema.shadow["final_layer.linear.weight"])  # validation saw the EMA weights
     cli.trainer.save_checkpoint(tmp_path / "done.ckpt")
     shadow = {k: v.clone() for k, v in ema.shadow.items()}

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 
 # Errors a user can fix from the message alone (a missing file, a bad value, a full disk): no traceback for these.
@@ -19,13 +20,48 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 RENAMED = {"--num": "--num-samples", "--settings": "--sizes"}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default: '(default: 16384)', '(default: off)' for a flag, '(required)'; a
+    help that already says its default or that it is required (in words) is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or re.search("default|required", text, re.I):
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.nargs == 0:  # store_true / store_false: the flag is off unless given
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
 def parser(prog: str, description: str, renamed: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser without prefix abbreviations (`--num` must not silently mean `--num-samples`); `renamed`
-    maps this command's old flags to their new names (refused, naming the new one)."""
+    """An ArgumentParser without prefix abbreviations (`--num` must not silently mean `--num-samples`) whose help
+    shows every default; `renamed` maps this command's old flags to their new names (refused, naming the new one)."""
     p = argparse.ArgumentParser(prog=f"python -m nit_lightning {prog}", description=description, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.renamed_flags = dict(renamed or {})  # read by _old_spelling
     return p
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads N: torch intra-op threads (what `make ... THREADS=N` passes on)."""
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own, one per core; 1 on a machine under load)")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def subparser(subparsers: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command's parser in the same style (no abbreviations, defaults in the help)."""
+    return subparsers.add_parser(name, help=help, description=help, allow_abbrev=False, formatter_class=HelpFormatter)
 
 
 def _old_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:

@@ -22,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="ADM npz (arr_0 NHWC uint8) or a folder of PNGs")
     p.add_argument("--ref", required=True, help="reference batch npz (ADM format)")
     p.add_argument("--features", default="inception", help=SPEC_HELP)
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON here (default: print them only)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
     p.add_argument("--feature-dtype", choices=("float32", "float64"), default="float32",
                    help="compute dtype of the feature network (default float32)")
     p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32",

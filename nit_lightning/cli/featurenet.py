@@ -14,11 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "for Inception in the CPU demo (NOT Inception)")
     p.add_argument("--data", required=True, help="folder DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="output .pt (config + weights); use with featurenet:FILE")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
     p.add_argument("--size", type=int, default=64, help="input side every image is resized to")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init and the batch order")
     p.add_argument("--input", default="rgb", choices=("rgb", "gray-std"),
                    help="rgb: the demo feature net; gray-std: the shape classifier (grayscale, standardised)")
     return p

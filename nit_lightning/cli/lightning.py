@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nit_lightning.cli.common import is_user_error, user_error_line
+from nit_lightning.cli.config_errors import NiTArgumentParser
 from nit_lightning.training.module import NiTModule
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,14 @@ def _datamodule_class() -> type:
 
 
 class NiTCLI(LightningCLI):
-    """LightningCLI with NiTModule + NativeLatentDataModule and the data's latent channels linked into the net."""
+    """LightningCLI with NiTModule + NativeLatentDataModule and the data's latent channels linked into the net; keys
+    are never abbreviated and config mistakes are one line naming the nearest key (cli/config_errors.py)."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        given = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else ["--config"]
+        NiTArgumentParser.config_given = any(a in ("--config", "-c") or a.startswith("--config=") for a in given)
+        NiTArgumentParser.command = f"python -m nit_lightning {given[0] if given and given[0] in self.subcommands() else ''}".rstrip()
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data knows its latents' channel count (index.json) only once built, so the link runs at instantiation;
@@ -122,6 +130,17 @@ class NiTCLI(LightningCLI):
         seed = self._subconfig().get("seed_everything")
         if seed is None or isinstance(seed, bool):
             log.warning("seed_everything=%r: this run's data order and init are not reproducible; set an int", seed)
+        require_the_accelerator((self._subconfig().get("trainer") or {}).get("accelerator"))
+
+
+def require_the_accelerator(accelerator: Any) -> None:
+    """A GPU config on a machine without CUDA ends in Lightning's "No supported gpu backend found!": say what to do."""
+    import torch
+
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: add --trainer.accelerator "
+                         "cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true, or start from "
+                         "experiments/debug.yaml (a CPU config)")
 
 
 def run_cli(argv: list[str] | None = None, **kwargs: Any) -> NiTCLI:
@@ -129,6 +148,7 @@ def run_cli(argv: list[str] | None = None, **kwargs: Any) -> NiTCLI:
     with warnings.catch_warnings():
         # `python -m nit_lightning fit ...` passes sys.argv on as args on purpose; Lightning warns about exactly that.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        kwargs.setdefault("parser_class", NiTArgumentParser)
         return NiTCLI(NiTModule, _datamodule_class(), save_config_kwargs={"overwrite": True},
                       seed_everything_default=0, args=argv, **kwargs)
 

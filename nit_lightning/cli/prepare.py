@@ -20,15 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("prepare", "Images (class sub-folders, or a flat folder + --labels) -> latent shards. Resumable; "
                                "decoding in --num-workers processes, one codec per rank (torchrun/srun: one per GPU).",
                     renamed={"--dtype": "--latent-dtype"})
-    p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels")
+    p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels (required unless --reindex)")
     p.add_argument("--output", required=True, help="shard directory (shards, sidecars, index.json, classes.json)")
     p.add_argument("--mode", default="native", help=MODES_HELP)
-    p.add_argument("--codec", default="pixel:8", help=CODEC_SPEC_HELP)
+    p.add_argument("--codec", default="pixel:8", help=CODEC_SPEC_HELP + " (default: pixel:8, 192 channels, for debug "
+                   "data; ImageNet takes --codec dcae:PATH, README 'Real weights and data')")
     p.add_argument("--codec-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype of the DC-AE encoder")
-    p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class")
+    p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class "
+                   "(default: none, the class sub-folders are the labels)")
     p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored image")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard tar")
     p.add_argument("--num-workers", type=int, default=0,
                    help="decode + resize processes feeding this process's codec (0: decode in this process)")
     p.add_argument("--latent-dtype", default="float16", choices=("float16", "bfloat16"),

@@ -8,7 +8,7 @@ import numpy as np
 
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import run_command
+from nit_lightning.cli.common import run_command, subparser
 from nit_lightning.data.sizes import parse_size
 from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.reference import (
@@ -24,18 +24,18 @@ from nit_lightning.evaluation.reference import (
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("reference", "build or inspect ADM-format reference batches (npz)")
     sub = p.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help=f"statistics of an image folder at HxW ({PROTOCOL})", allow_abbrev=False)
+    build = subparser(sub, "build", f"statistics of an image folder at HxW ({PROTOCOL})")
     build.add_argument("--images", required=True, help="image folder (recursive; sorted by relative path)")
     build.add_argument("--size", required=True, help="target HxW, e.g. 256x256 or 480x640")
     build.add_argument("--out", required=True, help="output npz, e.g. references/256x256.npz")
     build.add_argument("--features", default="inception", help=SPEC_HELP)
     build.add_argument("--subset", type=int, default=10000, help="images kept as arr_0 (for precision/recall)")
     build.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
-    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
     build.add_argument("--workers", type=int, default=2, help="image decoding threads")
     build.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
-    show = sub.add_parser("show", help="print what a reference npz holds")
-    show.add_argument("path")
+    show = subparser(sub, "show", "print what a reference npz holds")
+    show.add_argument("path", help="the reference npz")
     return p
 
 

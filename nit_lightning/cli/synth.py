@@ -13,11 +13,11 @@ from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("synth", "Write a class-conditional ImageNet-style folder of PNGs at many sizes and aspect ratios.")
     p.add_argument("--out", required=True, help="output directory (class sub-folders; train/ and val/ with a split)")
-    p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--min-side", type=int, default=32)
-    p.add_argument("--max-side", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1000, help="images in all (train and val together)")
+    p.add_argument("--num-classes", type=int, default=10, help="shape classes (up to 10 shapes, then colours vary)")
+    p.add_argument("--min-side", type=int, default=32, help="shortest image side in pixels")
+    p.add_argument("--max-side", type=int, default=256, help="longest image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole set (same seed and options: same bytes)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of images written to DIR/val")
     p.add_argument("--max-aspect", type=float, default=3.0, help="aspect ratios from 1:A to A:1")
     p.add_argument("--min-long-side", type=int, default=0,

@@ -15,16 +15,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--codec tinyae:FILE")
     parser.add_argument("--data", required=True, help="folder with images (searched recursively)")
     parser.add_argument("--out", required=True, help="output .pt (config, weights, latent scaling factor)")
-    parser.add_argument("--latent-channels", type=int, default=config.latent_channels)
+    parser.add_argument("--latent-channels", type=int, default=config.latent_channels, help="channels of a latent")
     parser.add_argument("--factor", type=int, default=config.factor, help="pixels per latent pixel and side")
-    parser.add_argument("--width", type=int, default=config.width)
-    parser.add_argument("--blocks", type=int, default=config.blocks)
-    parser.add_argument("--steps", type=int, default=train.steps)
-    parser.add_argument("--batch-size", type=int, default=train.batch_size)
-    parser.add_argument("--crop", type=int, default=train.crop)
-    parser.add_argument("--lr", type=float, default=train.lr)
-    parser.add_argument("--latent-noise", type=float, default=train.latent_noise)
-    parser.add_argument("--seed", type=int, default=train.seed)
+    parser.add_argument("--width", type=int, default=config.width, help="channels of the conv layers")
+    parser.add_argument("--blocks", type=int, default=config.blocks, help="residual blocks per stage")
+    parser.add_argument("--steps", type=int, default=train.steps, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="crops per step")
+    parser.add_argument("--crop", type=int, default=train.crop, help="side of the random training crops (px)")
+    parser.add_argument("--lr", type=float, default=train.lr, help="AdamW learning rate")
+    parser.add_argument("--latent-noise", type=float, default=train.latent_noise,
+                        help="std of noise added to latents while training (a smoother decoder)")
+    parser.add_argument("--seed", type=int, default=train.seed, help="seed of the init and the crops")
     return parser
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nit_lightning.records import describe_differences, differences
+from nit_lightning.records.names import WEIGHTS_DOCS
 
 DEFAULT_DCAE_ID = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 CODEC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,7 +101,8 @@ def _missing_message(path_or_id: str, why: str) -> str:
         f"DC-AE model {path_or_id!r} not found locally ({why}). This suite never downloads weights at run time. "
         f"Put the diffusers-format model (config.json + diffusion_pytorch_model.safetensors) in a directory and pass "
         f"`--codec dcae:/that/dir`, or fetch it once on a machine with internet: `huggingface-cli download {repo_id}` "
-        f"(it lands in the local HF cache, $HF_HOME or ~/.cache/huggingface, where `--codec dcae:{repo_id}` finds it)."
+        f"(it lands in the local HF cache, $HF_HOME or ~/.cache/huggingface, where `--codec dcae:{repo_id}` finds it). "
+        f"Where to get it: {WEIGHTS_DOCS}"
     )
 
 

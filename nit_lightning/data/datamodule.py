@@ -117,6 +117,13 @@ class NativeLatentDataModule(L.LightningDataModule):
         """{source path: content fingerprint of its shards} (data/shards.py): the data's identity, not its address."""
         return {str(source.path.resolve()): source.index.get("content_sha256") or content_fingerprint(source.index)
                 for source in self._sources["train"]}
+    def trained_tokens(self) -> list[int] | None:
+        """[fewest, most] tokens of one training image (index.json lengths at the patch size, sources of weight > 0):
+        the token grids a checkpoint was trained on (records.SamplingRecipe)."""
+        lengths = [s.tokens for s in self._sources["train"] if s.weight > 0 and s.num_samples]
+        if not lengths:
+            return None
+        return [int(min(t.min() for t in lengths)), int(max(t.max() for t in lengths))]
 
     # ---- plans and positions -----------------------------------------------------------------------------------
     def _plan_for(self, kind: str, epoch: int) -> EpochPlan:

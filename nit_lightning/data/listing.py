@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nit_lightning.records.names import WEIGHTS_DOCS
+
 # Every reader of image folders (prepare, reference statistics, sample folders, the demo feature nets) uses this list.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".jfif")
 
@@ -86,7 +88,7 @@ def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None =
     """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
     root = Path(input_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"input {root} is not a directory")
+        raise FileNotFoundError(f"input {root} is not a directory (ImageNet's layout and recipe: {WEIGHTS_DOCS})")
     loops: list[str] = []
     files = sorted_files(root, loops)
     skipped: list[dict[str, str]] = [{"source": rel, "reason": "symlink-loop", "detail": "a link to a folder that "
@@ -137,7 +139,7 @@ def list_images(root: str | Path) -> list[Path]:
     """Every image under `root` (recursive), sorted by relative path; an error when there is none."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist (ImageNet's layout and recipe: {WEIGHTS_DOCS})")
     files = [p for p in sorted_files(root) if is_image(p)]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--ablation", action="store_true", help="train every data mixture of the config, for each seed")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the config's)")
-    p.add_argument("--sweep", default=None, help="a demo-scale sweep file: sample + evaluate the trained demo model")
+    p.add_argument("--sweep", default=None, help="a demo-scale sweep file: sample + evaluate the trained demo model "
+                                                  "(default: none, run the demo)")
     return p
 
 

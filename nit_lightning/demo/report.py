@@ -112,29 +112,24 @@ def heldout_shape_accuracy(demo: Demo, shape: Path) -> float:
     return shape_accuracy(images, [label for _, label in listing.items], shape)
 
 
-def samples_grid(samples: dict[str, Path], out: Path, num_classes: int, gap: int = 4) -> Path:
-    """One row per size, the first sample of each class (labels are i mod K), on white: the picture of a run."""
-    from PIL import Image
+def samples_grid(demo: Demo, run: str, samples: dict[str, Path]) -> Path:
+    """runs/<run>/samples_grid.png: one row per size, the first sample of each class, labelled (the picture of a run)."""
+    from nit_lightning.generation.sample_set import write_sample_grid
 
-    rows = []
-    for npz in samples.values():
-        with np.load(npz, allow_pickle=False) as data:
-            images, labels = data["arr_0"], data["arr_1"]
-        tiles = [images[int(np.flatnonzero(labels == k)[0])] for k in range(num_classes) if (labels == k).any()]
-        row = np.full((max(t.shape[0] for t in tiles), sum(t.shape[1] + gap for t in tiles) - gap, 3), 255, np.uint8)
-        x = 0
-        for tile in tiles:
-            row[:tile.shape[0], x:x + tile.shape[1]] = tile
-            x += tile.shape[1] + gap
-        rows.append(row)
-    canvas = np.full((sum(r.shape[0] + gap for r in rows) - gap, max(r.shape[1] for r in rows), 3), 255, np.uint8)
-    y = 0
-    for row in rows:
-        canvas[y:y + row.shape[0], :row.shape[1]] = row
-        y += row.shape[0] + gap
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out, optimize=True)
-    return out
+    return write_sample_grid(demo.out / "runs" / run / "samples_grid.png", samples,
+                             int(demo.config["images"]["num_classes"]), title=f"{run}: EMA weights, the checkpoint's recipe")
+
+
+def charts(demo: Demo, metrics: dict[str, Any]) -> list[Path]:
+    """OUT/plots/metrics_vs_{side,aspect}.png: every feature-net metric per run against side and aspect ratio."""
+    from nit_lightning.evaluation.plots import metric_charts
+
+    series = {run: {parse_size(size): row for size, row in record.get("featurenet", {}).items()}
+              for run, record in metrics.items()}
+    chance = 1.0 / int(demo.config["images"]["num_classes"])
+    return metric_charts(series, [key for key, _, _ in METRICS], demo.out / "plots",
+                         chance={"class_acc": chance, "shape_acc": chance},
+                         title=f"demo: {demo.config['sample']['num_samples']} samples per size (demo CNNs, not Inception)")
 
 
 def _cell(row: dict[str, Any] | None, key: str, digits: int) -> str:
@@ -203,13 +198,18 @@ def write(demo: Demo, metrics: dict[str, Any], real: dict[str, Any]) -> Path:
     if demo.ablation:
         lines += ["### Ablation summary (mean over sizes; demo CNNs, not Inception)", ""]
         lines += ablation_summary(demo, metrics) + [""]
+    plotted = charts(demo, metrics)
+    if plotted:
+        lines += ["## Charts (feature-net metrics per run; training sides up to "
+                  f"{demo.config['images']['max_side']} px)", ""]
+        lines += [f"![{path.stem}]({rel(path)})" for path in plotted] + [""]
     lines += ["## Samples (EMA weights): one row per size, the first sample of each class", ""]
     for run in demo.runs():
         picture = demo.out / "runs" / run / "samples_grid.png"
         if picture.is_file():
             lines += [f"`{run}`: sizes {', '.join(map(format_size, demo.sizes))} top to bottom", "",
                       f"![{run} samples]({rel(picture)})", ""]
-    lines += ["## Sample grids during training (seen sizes, fixed seeds)", ""]
+    lines += ["## Sample grids during training (seen and unseen sizes, fixed seeds)", ""]
     for run in demo.runs():
         grids = sorted((demo.out / "runs" / run / "grids").glob("step*.png"))
         last = grids[-1].name.split("_")[0] if grids else None

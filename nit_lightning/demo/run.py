@@ -42,8 +42,7 @@ def _run_steps(demo: Demo) -> dict:
     for name, (modes, seed) in demo.runs().items():
         ckpt = demo.train(name, [shard_dirs[m] for m in modes], seed)
         samples = demo.sample(name, ckpt)
-        report.samples_grid(samples, demo.out / "runs" / name / "samples_grid.png",
-                            int(demo.config["images"]["num_classes"]))
+        report.samples_grid(demo, name, samples)
         metrics[name] = demo.evaluate(name, samples, extractors, refs, nets["shape"])
         report.write(demo, metrics, real)  # a partial report after every run
     path = report.write(demo, metrics, real)

@@ -188,24 +188,24 @@ class Demo:
                 raise RuntimeError(f"run {name} stopped at step {trainer.global_step} of {steps}; rerun to resume")
             trainer.save_checkpoint(final)  # through the trainer: nit_meta and the EMA weights, like every checkpoint
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-            info.update(steps=trainer.global_step, final_loss=metrics.get("train/loss"))
+            info.update(steps=trainer.global_step, final_loss=metrics.get("loss/train"))
             record.info = {"steps": trainer.global_step, "metrics": metrics}
             record.write(done)
         return final
 
     def sample(self, name: str, ckpt: Path) -> dict[str, Path]:
+        """Samples at every size with the checkpoint's recipe (its sampler, RoPE interpolation beyond the trained
+        range), `sample.sampler` keys over it: what `python -m nit_lightning sample` does without flags."""
         from nit_lightning.generation.sample_set import SampleRun, run_sample
-        from nit_lightning.generation.settings import SamplerSettings, SizeSetting
 
         settings = self.config["sample"]
-        sampler = SamplerSettings.from_dict(settings["sampler"], where="demo sample.sampler")
         with self.timer.step(f"5-sample-{name}", f"{settings['num_samples']} samples x {len(self.sizes)} sizes") as info:
             folder = self.out / "runs" / name / "samples"
             before = len(list(folder.glob("*/done.json"))) if folder.is_dir() else 0
             paths = run_sample(SampleRun(ckpt=str(ckpt), out=str(folder), num_samples=int(settings["num_samples"]),
-                                         settings=[SizeSetting(size, sampler) for size in self.sizes], device="cpu",
-                                         seed=int(self.config["seed"]), tokens_per_forward=int(settings["tokens_per_forward"]),
-                                         progress=False))
+                                         sizes=list(self.sizes), sampler_flags=dict(settings.get("sampler") or {}),
+                                         device="cpu", seed=int(self.config["seed"]),
+                                         tokens_per_forward=int(settings["tokens_per_forward"]), progress=False))
             info["status"] = "reused" if before == len(self.sizes) else "ran"
         return paths
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from nit_lightning.diffusion.guidance import GuidedModel, ModelFn
+from nit_lightning.diffusion.guidance import GuidedModel, ModelFn, guidance_active
 
 METHODS = ("euler", "heun", "sde")
 SDE_T_LAST = 0.04  # the SDE grid ends at t = 0.04, then one deterministic step to 0 (REPA's Euler–Maruyama)
@@ -120,9 +120,35 @@ def sample(
     return x.to(noise.dtype)
 
 
+def ode_times(steps: int) -> list[float]:
+    """The ODE grid t_0 = 1 > ... > t_steps = 0 as host floats (no device sync per step)."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+
+def sde_times(steps: int) -> list[float]:
+    """The SDE grid linspace(1, 0.04, steps) ++ [0]."""
+    return torch.linspace(1.0, SDE_T_LAST, steps, dtype=torch.float64).tolist() + [0.0]
+
+
+def model_calls(method: str, steps: int, cfg_scale: float = 1.0,
+                cfg_interval: tuple[float, float] = (0.0, 1.0)) -> tuple[int, int]:
+    """(NFE, guided): network evaluations per image (model calls of the sampler: Euler and SDE `steps`, Heun
+    2·steps − 1) and how many of them also run CFG's null branch (inside the guidance interval; it rides in the same
+    packed call on a doubled sequence, so that call costs twice the tokens)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    times = ode_times(steps) if method != "sde" else sde_times(steps)
+    calls = guided = 0
+    for k in range(steps):
+        per_step = 2 if method == "heun" and k < steps - 1 else 1  # Heun's corrector decides at the predictor's time
+        calls += per_step
+        guided += per_step * guidance_active(times[k], cfg_scale, cfg_interval)
+    return calls, guided
+
+
 def _ode(f: GuidedModel, x: torch.Tensor, y: torch.Tensor, hw: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
     """Euler: x ← x + (t_{k+1} − t_k)·v̂(x, t_k); Heun adds the trapezoid corrector on all but the last step."""
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()  # host floats: no sync per step
+    ts = ode_times(steps)
     for k in range(steps):
         t_cur, t_next = ts[k], ts[k + 1]
         dt = t_next - t_cur
@@ -148,7 +174,7 @@ def _sde(
     """Euler–Maruyama on grid linspace(1, 0.04, steps) ++ [0]: steps−1 stochastic steps, one deterministic; NFE = steps."""
     if sde_noise is not None and sde_noise.shape != (steps - 1, *x.shape):
         raise ValueError(f"sde_noise must be (steps−1, N, D) = {(steps - 1, *x.shape)}, got {tuple(sde_noise.shape)}")
-    ts = torch.linspace(1.0, SDE_T_LAST, steps, dtype=torch.float64).tolist() + [0.0]
+    ts = sde_times(steps)
     seqlens = seqlens_of(hw) if isinstance(generator, StackedGenerator) else None
     for k in range(steps):
         t_cur, t_next = ts[k], ts[k + 1]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nit_lightning.records.names import WEIGHTS_DOCS
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "NIT_INCEPTION_WEIGHTS"
 INCEPTION_NAME = "inception-2015-12-05"
@@ -237,13 +239,14 @@ def resolve_weights_path(weights_path: str | os.PathLike | None) -> Path:
     if raw is None:
         raise FileNotFoundError(
             f"FID Inception weights not given: download {WEIGHTS_FILE} (the pytorch-fid release of the TF "
-            f"2015-12-05 graph) and pass its path (--features inception:/path/{WEIGHTS_FILE}) or set {WEIGHTS_ENV}"
+            f"2015-12-05 graph) and pass its path (--features inception:/path/{WEIGHTS_FILE}) or set {WEIGHTS_ENV}; "
+            f"where to get it: {WEIGHTS_DOCS}"
         )
     path = Path(raw).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"FID Inception weights {str(path)!r} not found: put {WEIGHTS_FILE} there, or point "
-            f"--features inception:PATH / {WEIGHTS_ENV} to where it is"
+            f"--features inception:PATH / {WEIGHTS_ENV} to where it is; where to get it: {WEIGHTS_DOCS}"
         )
     return path
 

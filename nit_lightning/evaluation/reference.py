@@ -30,6 +30,7 @@ from nit_lightning.evaluation.extractors import FeatureExtractor
 from nit_lightning.evaluation.metrics import ADMFeatureStats
 from nit_lightning.records import SettingsRecord, write_with
 from nit_lightning.records.files import check_output_file
+from nit_lightning.records.names import WEIGHTS_DOCS
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def load_reference(path: str | Path, *, load_images: bool = True) -> Reference:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference batch {str(path)!r} not found; build one with `python -m nit_lightning "
-                                "reference build --images DIR --size HxW --out REF.npz` or download ADM's")
+                                "reference build --images DIR --size HxW --out REF.npz`, or for 256x256 / 512x512 "
+                                f"download ADM's ({WEIGHTS_DOCS})")
     with open_npz(path, "an ADM reference batch") as data:
         missing = [key for key in ("mu", "sigma", "mu_s", "sigma_s") if key not in data.files]
         if missing:

@@ -4,6 +4,7 @@ Layout of a sweep output folder OUT:
   OUT/samples/<HxW>/...     sample sets as the `sample` command writes them (PNGs + ADM npz, resumable, provenance)
   OUT/<HxW>/result.json     one setting's metrics and what made them (a finished setting is reused on rerun)
   OUT/results.json, OUT/results.md, OUT/tb/   all settings, a paper-style table with published numbers, TensorBoard
+  OUT/plots/*.png, OUT/<HxW>/grid.png          charts against side and aspect ratio, sample grids (sweep_figures.py)
 References are looked up as REF_DIR/<HxW>.npz (e.g. references/256x256.npz, references/480x640.npz; H x W).
 results.json and results.md gather every setting ever finished into OUT, not only this run's: a run with --sizes,
 a rerun, or array tasks finishing at the same moment merge their rows under a lock (OUT/.results.lock), re-reading
@@ -21,11 +22,13 @@ import torch
 from nit_lightning import distributed
 from nit_lightning.evaluation.evaluate import NOT_INCEPTION, evaluate_samples
 from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
+from nit_lightning.evaluation.sweep_figures import write_sweep_figures
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
 from nit_lightning.generation.settings import Sweep, SizeSetting, setting_from_dict, upgrade_sampler_record
 from nit_lightning.records import differences, plain, read_json, write_json, write_text
 from nit_lightning.records.lock import waiting_lock
+from nit_lightning.records.names import WEIGHTS_DOCS
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall")
@@ -73,8 +76,9 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
         try:
             ref_path = Path(ref_dir) / f"{name}.npz"
             if not ref_path.is_file():
-                raise FileNotFoundError(f"no reference for {name}: expected {ref_path} (build it with `python -m "
-                                        f"nit_lightning reference build --size {name} --out {ref_path} ...`)")
+                raise FileNotFoundError(f"no reference for {name}: expected {ref_path} (ADM's 256/512: {WEIGHTS_DOCS}; "
+                                        f"build others with `python -m nit_lightning reference build --size {name} "
+                                        f"--out {ref_path} ...`)")
             samples = sample_fn(setting, out / "samples")
             if not ranks.is_main:  # under torchrun every rank samples its share; rank 0 alone evaluates and writes
                 results[name] = {"status": "sampled", "config": config}
@@ -132,7 +136,9 @@ def write_results(out: Path, summary: dict[str, Any], extra: list[str]) -> dict[
         write_json(out / "results.json", summary, indent=2)
         settings = sorted((setting_from_dict(r["config"]["setting"]) for r in summary["results"].values()),
                           key=lambda setting: setting.size)  # height, then width: the order of the paper's sweeps
-        write_text(out / "results.md", results_markdown(summary, settings, extra, others=_other_runs(summary, mine)))
+        figures = write_sweep_figures(out, summary, settings, METRIC_KEYS + tuple(extra))
+        write_text(out / "results.md", results_markdown(summary, settings, extra, others=_other_runs(summary, mine))
+                   + figures)
     return summary
 
 
@@ -153,32 +159,48 @@ def _other_runs(summary: dict[str, Any], mine: dict[str, Any]) -> list[str]:
 
 
 def _fmt(value: Any, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(ours: Any, published: Any, digits: int) -> str:
+    """'2.31 (2.16)' with a published value, '2.31' without (no empty parentheses)."""
+    return _fmt(ours, digits) + ("" if published is None else f" ({_fmt(published, digits)})")
+
+
+def solver_cells(sampler: Any) -> str:
+    """'heun 8 | 15 (9 with CFG)': solver and steps, then NFE = network evaluations per image (model calls; the CFG
+    null branch runs inside the same call on a doubled sequence in the calls counted in parentheses)."""
+    nfe, guided = sampler.nfe
+    return f"{sampler.method} {sampler.steps} | {nfe}" + (f" ({guided} with CFG)" if guided else "")
 
 
 def results_markdown(summary: dict[str, Any], settings: list[SizeSetting], extra: list[str] | None = None,
                      others: list[str] | None = None) -> str:
-    """A paper-style table: ours, with the published numbers in parentheses; then the `extra` metric columns.
-    `others`: rows kept from earlier runs with other settings, named under the table."""
+    """A paper-style table: ours, with the published numbers in parentheses where the sweep file has them; then the
+    `extra` metric columns. `others`: rows kept from earlier runs with other settings, named under the table."""
     extra = list(extra or [])
+    published = any(s.published for s in settings)
     lines = [f"# Sweep {summary.get('name') or ''}: {summary['num']} samples per setting", "",
              f"Features: `{summary['features']}`" + ("" if is_reference_grade(summary["features"])
                                                      else f" — **{NOT_INCEPTION}**"),
-             f"Published numbers (in parentheses): {summary.get('published_model') or 'n/a'}", "",
-             "| size (HxW) | solver, NFE | CFG | interval | N | FID | sFID | IS | Prec | Rec |"
+             (f"Published numbers (in parentheses): {summary.get('published_model') or 'the sweep file'}"
+              if published else "No published numbers in the sweep file."),
+             "NFE: network evaluations per image (Heun: 2·steps − 1); in parentheses, how many of them also run CFG's "
+             "null branch (the same call on a doubled sequence: twice the tokens).", "",
+             "| size (HxW) | solver, steps | NFE | CFG | interval | N | FID | sFID | IS | Prec | Rec |"
              + "".join(f" {key} |" for key in extra),
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     digits = {"fid": 2, "sfid": 2, "is": 2, "precision": 3, "recall": 3}
     for setting in settings:
         record = summary["results"].get(setting.name, {})
         sampler = setting.sampler
         lo, hi = sampler.cfg_interval
-        head = f"| {setting.name} | {sampler.method.upper()} {sampler.steps} | {sampler.cfg_scale:g} | [{lo:g}, {hi:g}] |"
+        head = f"| {setting.name} | {solver_cells(sampler)} | {sampler.cfg_scale:g} | [{lo:g}, {hi:g}] |"
         if record.get("status") != "ok":
             lines.append(f"{head} – | failed: {record.get('error', 'not run')[:80]} | | | | |" + " |" * len(extra))
             continue
         m, pub = record["metrics"], setting.published
-        cells = [f"{_fmt(m.get(k), digits[k])} ({_fmt(pub.get(k), digits[k])})" for k in METRIC_KEYS]
+        cells = [_cell(m.get(k), pub.get(k), digits[k]) for k in METRIC_KEYS]
         cells += [_fmt(m.get(k), 3) for k in extra]
         lines.append(f"{head} {m['num_samples']} | " + " | ".join(cells) + " |")
     if others:

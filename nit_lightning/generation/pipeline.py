@@ -21,7 +21,7 @@ from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
 from nit_lightning.records.checkpoint import CheckpointMeta, ema_weights
-from nit_lightning.records.names import DTYPES, check_dtype_name
+from nit_lightning.records.names import DTYPES, WEIGHTS_DOCS, check_dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +193,13 @@ def load_pipeline(
     """Lightning `.ckpt` (EMA weights unless use_ema=False; strict) or an official `.safetensors` (needs `codec`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a Lightning .ckpt or an official .safetensors")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a Lightning .ckpt or an official .safetensors "
+                                f"(the official NiT weights: {WEIGHTS_DOCS})")
     if path.suffix == ".safetensors":
         if codec is None:
             raise ValueError(
                 f"{path} is an official checkpoint, which records no codec: pass the DC-AE it was trained with, "
-                "--codec dcae:/path/to/dc-ae-f32c32-sana-1.1-diffusers (local weights)"
+                f"--codec dcae:/path/to/dc-ae-f32c32-sana-1.1-diffusers (local weights; {WEIGHTS_DOCS})"
             )
         net, record, loaded = _load_official(path, rope_layout)
     else:

@@ -4,6 +4,7 @@ Layout of one size: DIR/<HxW>/<index:06d>.png, DIR/<HxW>/samples_<N>x<H>x<W>x3.n
 DIR/<HxW>/provenance.json (which weights, sampler and seed made them: a resume with anything else is refused, naming
 the difference) and DIR/<HxW>/done.json (written last). Image i has label i mod num_classes and seed
 derive_seed(seed, i); rank r of W makes images r, r + W, ...: the set is the same on any number of GPUs.
+DIR/grid.png shows the run: one row per size, the first image of each class (at most 16) per column.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import torch
 from nit_lightning import distributed
 from nit_lightning.data.imageops import read_rgb
 from nit_lightning.data.sizes import format_size, validate_size
+from nit_lightning.generation.grid import class_columns, write_grid
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline, load_pipeline
+from nit_lightning.generation.recipe import MAX_DEFAULT_SAMPLES, PAPER_PROTOCOL, default_num_samples, resolve_sampler
 from nit_lightning.generation.settings import SizeSetting, upgrade_sampler_record
 from nit_lightning.records import SettingsRecord, folder_lock, read_json, write_json, write_with
 
@@ -33,12 +36,18 @@ UINT8_RULE = "clamp(round((x+1)*127.5),0,255), round half to even"
 
 @dataclass
 class SampleRun:
-    """Everything `run_sample` needs: a checkpoint, where to write, and one SizeSetting per size."""
+    """Everything `run_sample` needs: a checkpoint, where to write, and what to sample: one SizeSetting per size
+    (`settings`, e.g. a sweep file), or `sizes` sampled with the sampler resolved from `sampler_flags` over the
+    checkpoint's recipe over the defaults (generation/recipe.py)."""
 
     ckpt: str
     out: str
     settings: list[SizeSetting] = field(default_factory=list)
-    num_samples: int = 50_000  # per size, exactly
+    num_samples: int | None = None  # per size, exactly; None: one per class, at most 16 (a grid to look at)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    sampler_flags: dict[str, Any] = field(default_factory=dict)  # sampler keys given by the user
+    rope_interp: bool = True  # False: no RoPE interpolation beyond the trained range unless a flag sets a side
+    grid: bool = True  # write DIR/grid.png
     seed: int = 0
     tokens_per_forward: int = 16384  # model tokens per forward; CFG's null branch counts twice
     codec: str | None = None  # "dcae:PATH" / "pixel:F" / "tinyae:PATH"; default: the checkpoint's codec
@@ -51,10 +60,10 @@ class SampleRun:
 
 
 def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Path]:
-    """Load the pipeline once (unless given) and write every size's set; returns {"HxW": npz path}."""
-    if run.num_samples < 1 or run.tokens_per_forward < 1:
+    """Load the pipeline once (unless given) and write every size's set and the grid; returns {"HxW": npz path}."""
+    if (run.num_samples is not None and run.num_samples < 1) or run.tokens_per_forward < 1:
         raise ValueError(f"num_samples ({run.num_samples}) and tokens_per_forward ({run.tokens_per_forward}) must be >= 1")
-    if not run.settings:
+    if not run.settings and not run.sizes:
         raise ValueError("no sizes to sample: give at least one setting")
     ranks = distributed.current()  # the command opened the process group of a multi-rank run (cli/sample.py)
     device = distributed.device_for(run.device, ranks.local_rank)
@@ -62,13 +71,62 @@ def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Pa
     with folder_lock(run.out, "sample", enabled=ranks.is_main):
         pipe = pipeline or load_pipeline(run.ckpt, use_ema=run.use_ema, rope_layout=run.rope_layout, device=device,
                                          codec=run.codec)
+        settings, num = resolve_run(run, pipe)
         out: dict[str, Path] = {}
-        for setting in run.settings:
+        for setting in settings:
             setting = dataclasses.replace(setting, size=validate_size(setting.size, pipe.size_multiple, round=run.round))
-            out[setting.name] = write_sample_set(pipe, setting, Path(run.out) / setting.name, num=run.num_samples,
+            out[setting.name] = write_sample_set(pipe, setting, Path(run.out) / setting.name, num=num,
                                                  seed=run.seed, tokens_per_forward=run.tokens_per_forward, ranks=ranks,
                                                  save_png=run.save_png, progress=run.progress, source=run.ckpt)
+        if run.grid and ranks.is_main:
+            path = write_sample_grid(Path(run.out) / "grid.png", out, int(pipe.net.config.num_classes),
+                                     title=f"{Path(run.ckpt).name}: {_sampler_title(settings)}")
+            log.info("grid of the samples: %s", path)
         return out
+
+
+def resolve_run(run: SampleRun, pipeline: Pipeline) -> tuple[list[SizeSetting], int]:
+    """The settings and the number of samples per size; logs where every value came from."""
+    num = run.num_samples
+    if num is None:
+        num = default_num_samples(pipeline.net.config.num_classes)
+        log.info("num_samples %d (default: one per class, at most %d; the paper's protocol: %s)", num,
+                 MAX_DEFAULT_SAMPLES, PAPER_PROTOCOL)
+    if run.settings:
+        if run.sampler_flags:
+            raise ValueError(f"sampler flags {sorted(run.sampler_flags)} and explicit settings (a sweep file) "
+                             "contradict each other: give one")
+        return list(run.settings), num
+    resolved = resolve_sampler(run.sampler_flags, pipeline.record.recipe, rope_interp=run.rope_interp)
+    log.info("sampler (flag > checkpoint recipe > default): %s", "; ".join(resolved.describe()))
+    return [SizeSetting(size, resolved.sampler) for size in run.sizes], num
+
+
+def _sampler_title(settings: list[SizeSetting]) -> str:
+    described = {s.sampler.describe() for s in settings}
+    return described.pop() if len(described) == 1 else "per-size samplers"
+
+
+def write_sample_grid(path: Path, sets: dict[str, Path], num_classes: int, title: str | None = None) -> Path:
+    """One row per size (the sets' npz files), the first image of each class per column (at most 16 classes)."""
+    rows = []
+    count = None
+    for name, npz in sets.items():
+        images = first_images(npz, MAX_DEFAULT_SAMPLES)
+        count = len(images) if count is None else count
+        rows.append((name, list(images[:num_classes])))
+    return write_grid(path, rows, class_columns(num_classes, count or 0), title)
+
+
+def first_images(npz: Path, n: int) -> np.ndarray:
+    """The first n images (n, H, W, 3) of an ADM npz, read without loading the rest (a 50k set is gigabytes)."""
+    with zipfile.ZipFile(npz) as zf, zf.open("arr_0.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        take = min(int(n), int(shape[0]))
+        count = take * int(np.prod(shape[1:]))
+        return np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype, count=count).reshape(take, *shape[1:])
 
 
 def write_sample_set(pipeline: Pipeline, setting: SizeSetting, folder: Path, *, num: int, seed: int = 0,

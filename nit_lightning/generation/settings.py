@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 
 from nit_lightning.data.sizes import format_size, parse_size
-from nit_lightning.diffusion.sampling import METHODS
+from nit_lightning.diffusion.sampling import METHODS, model_calls
 from nit_lightning.records.files import read_json
 from nit_lightning.records.names import DTYPES, check_dtype_name, upgrade_dtype_names
 
@@ -58,7 +58,7 @@ class SamplerSettings:
     """How to integrate from noise to an image: solver and steps, CFG scale and interval, compute precision."""
 
     method: str = "euler"  # euler | heun | sde (SPEC §7)
-    steps: int = 50  # NFE: euler / sde = steps, heun = 2·steps − 1 (×2 inside the guidance interval)
+    steps: int = 50  # NFE (network evaluations per image): euler / sde = steps, heun = 2·steps − 1 (see `nfe`)
     cfg_scale: float = 1.0  # 1 = no guidance
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for lo <= t <= hi
     precision: str = "auto"  # model compute: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -100,6 +100,11 @@ class SamplerSettings:
     def state_dtype(self) -> torch.dtype:
         """The torch dtype of `integration_dtype`."""
         return DTYPES[self.integration_dtype]
+
+    @property
+    def nfe(self) -> tuple[int, int]:
+        """(network evaluations per image, how many of them carry CFG's null branch on a doubled sequence)."""
+        return model_calls(self.method, self.steps, self.cfg_scale, self.cfg_interval)
 
     @property
     def guided(self) -> bool:

@@ -7,13 +7,14 @@
 
 docs/architecture.md ("Contracts between stages") lists which stage writes and reads which record.
 """
-from nit_lightning.records.checkpoint import EMA_KEY, META_KEY, CheckpointMeta
+from nit_lightning.records.checkpoint import EMA_KEY, META_KEY, CheckpointMeta, SamplingRecipe
 from nit_lightning.records.files import atomic_path, read_json, write_bytes, write_json, write_text, write_with
 from nit_lightning.records.lock import FolderBusy, folder_lock
 from nit_lightning.records.settings import SettingsMismatch, SettingsRecord, describe_differences, differences, plain
 
 __all__ = [
-    "CheckpointMeta", "EMA_KEY", "FolderBusy", "META_KEY", "SettingsMismatch", "SettingsRecord", "atomic_path",
+    "CheckpointMeta", "EMA_KEY", "FolderBusy", "META_KEY", "SamplingRecipe", "SettingsMismatch", "SettingsRecord",
+    "atomic_path",
     "describe_differences", "differences", "folder_lock", "plain", "read_json", "write_bytes", "write_json",
     "write_text", "write_with",
 ]

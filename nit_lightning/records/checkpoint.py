@@ -14,6 +14,7 @@ checkpoint["nit_skipped_steps"]) and official NiT safetensors (`CheckpointMeta.f
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -67,6 +68,46 @@ def _is_local(path: str) -> bool:
 
 
 @dataclass
+class SamplingRecipe:
+    """How to sample a checkpoint, as training knew it (`CheckpointMeta.sampling`): the sampler a config recommends
+    (SamplerSettings keys, checked by generation/settings.py) and the token grids it was trained on.
+
+    `trained_tokens` = [fewest, most] tokens of one training image (h·w at the patch size, from index.json lengths).
+    `trained_side` is the side of a square of the most tokens: the training range as a RoPE length, beyond which
+    `sample` interpolates positions by default (SPEC §1.1: s = test length / train length).
+    """
+
+    sampler: dict[str, Any] | None = None
+    trained_tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.trained_tokens is not None:
+            low, high = (int(v) for v in self.trained_tokens)
+            if not 1 <= low <= high:
+                raise ValueError(f"trained_tokens {self.trained_tokens} must be [fewest, most] with 1 <= fewest <= most")
+            self.trained_tokens = [low, high]
+        if self.sampler is not None:
+            self.sampler = dict(self.sampler)
+
+    @property
+    def trained_side(self) -> int | None:
+        return math.isqrt(self.trained_tokens[1]) if self.trained_tokens else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "SamplingRecipe":
+        """The recipe of `CheckpointMeta.sampling` (None: nothing recorded); an unknown key is another version's."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"the checkpoint's sampling recipe has keys this code does not know: {unknown}; it was "
+                             "written by another nit-lightning version")
+        return cls(**values)
+
+
+@dataclass
 class CheckpointMeta:
     """Everything needed to rebuild, resume, sample from and trace a trained NiT (`nit_meta`)."""
 
@@ -78,7 +119,7 @@ class CheckpointMeta:
     data: dict[str, Any] | None = None  # the training data's inputs (sources with absolute paths, budget, seed ...)
     step: int | None = None
     has_ema: bool = False
-    sampling: dict[str, Any] | None = None  # a recommended sampler and the token grids trained on, when known
+    sampling: dict[str, Any] | None = None  # SamplingRecipe.as_dict(): a recommended sampler, the token grids trained on
     text_encoder: dict[str, Any] | None = None  # T2I: the text encoder's description
     skipped_steps: int = 0  # optimiser steps skipped for a non-finite loss (on_nonfinite=skip)
     version: int = FORMAT_VERSION
@@ -91,6 +132,11 @@ class CheckpointMeta:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def recipe(self) -> SamplingRecipe:
+        """The sampling recipe training recorded (empty for official weights and checkpoints from before it)."""
+        return SamplingRecipe.from_dict(self.sampling)
 
     # ---- writing -------------------------------------------------------------------------------------------------
     def store(self, checkpoint: dict[str, Any], checkpoint_dir: str | Path | None = None) -> None:
@@ -150,5 +196,5 @@ def store_ema_weights(checkpoint: dict[str, Any], state: Mapping[str, Any]) -> N
 
 
 META_FIELDS = tuple(f.name for f in fields(CheckpointMeta))
-__all__ = ["CheckpointMeta", "EMA_KEY", "META_KEY", "META_FIELDS", "anchor_paths", "ema_weights",
+__all__ = ["CheckpointMeta", "EMA_KEY", "META_KEY", "META_FIELDS", "SamplingRecipe", "anchor_paths", "ema_weights",
            "locate_paths", "store_ema_weights"]

@@ -8,6 +8,10 @@ from typing import Any, Iterable
 
 import torch
 
+# Where every loader of a file the suite never downloads (official NiT weights, DC-AE, FID Inception, ADM reference
+# batches, ImageNet) points when the file is missing: the links as the official projects publish them, and recipes.
+WEIGHTS_DOCS = "README.md, section 'Real weights and data'"
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 OLD_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 

@@ -95,9 +95,9 @@ class ThroughputMonitor(Callback):
             torch.cuda.synchronize(pl_module.device)  # the one sync per window: time what the GPU really did
         seconds = max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
         metrics = {
-            "perf/tokens_per_sec": self._tokens * world / seconds,
-            "perf/images_per_sec": self._images * world / seconds,
-            "perf/step_time": seconds / self._steps,
+            "perf/tokens_per_s": self._tokens * world / seconds,
+            "perf/images_per_s": self._images * world / seconds,
+            "perf/step_time_s": seconds / self._steps,
             "perf/tokens_seen": float(self.tokens_seen),
             "perf/images_seen": float(self.images_seen),
         }
@@ -110,8 +110,8 @@ class ThroughputMonitor(Callback):
             flops = train_step_flops(pl_module.net.config, torch.cat(self._seqlens).cpu(), with_projector=repa)
             metrics["perf/mfu"] = flops / seconds / self.peak_flops
         if pl_module.device.type == "cuda":
-            metrics["perf/gpu_mem_alloc_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-            metrics["perf/gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+            metrics["perf/gpu_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["perf/gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=images)
         self._reset_window()
 
@@ -155,7 +155,7 @@ class GradNormMonitor(Callback):
         norm = torch.nn.utils.get_total_norm(grads, norm_type=self.norm_type)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; full_tensor is a collective, not a host sync
             norm = norm.full_tensor()
-        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("optim/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
         if not self.raise_on_nonfinite:
             return
         step = trainer.global_step
@@ -227,19 +227,23 @@ class PackLog(Callback):
 
 
 class DataHealthMonitor(Callback):
-    """Per epoch, what `on_error=skip` took out of the data: to the logger and as one summary line.
+    """Per epoch, what the loader delivered against the epoch's plan and what `on_error=skip` took out: to the logger
+    and as one summary line.
 
-    Logs `data/skipped_samples`, `data/skipped_shards`, `data/planned_samples` and `data/skipped_fraction` (train;
-    `data/val_*` for validation), summed over ranks, from the datamodule's `LoaderStats`. The limit itself
+    Logs under `train_data/` (`val_data/` for validation), summed over ranks, from the datamodule's `LoaderStats`:
+    `epoch_samples_delivered` (samples of the packs delivered this epoch, skipped ones included), `epoch_samples_planned`
+    (all samples of the epoch's plan; train only), `epoch_fraction_delivered` (packs delivered / packs planned: below 1
+    in the last epoch when max_steps stops it, which is not lost data), `skipped_samples`, `skipped_shards`,
+    `skipped_fraction`. The group sorts after loss/, lr, optim/ and perf/ in TensorBoard. The limit itself
     (`max_skipped_fraction`, default 1%) is enforced by the loader, so it holds without this callback.
     """
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, pl_module, "train", "data/")
+        self._report(trainer, pl_module, "train", "train_data/")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._report(trainer, pl_module, "val", "data/val_")
+            self._report(trainer, pl_module, "val", "val_data/")
 
     def _report(self, trainer: Trainer, pl_module: LightningModule, kind: str, prefix: str) -> None:
         stats = getattr(trainer.datamodule, "stats", {}).get(kind)
@@ -254,14 +258,20 @@ class DataHealthMonitor(Callback):
             torch.distributed.all_gather_object(gathered, sorted(names))  # a shard damaged on two ranks counts once
             names = {name for part in gathered for name in part}
         fraction = skipped / planned if planned else 0.0
-        metrics = {f"{prefix}skipped_samples": skipped, f"{prefix}skipped_shards": float(len(names)),
-                   f"{prefix}planned_samples": planned, f"{prefix}skipped_fraction": fraction}
+        metrics = {f"{prefix}epoch_samples_delivered": planned, f"{prefix}skipped_samples": skipped,
+                   f"{prefix}skipped_shards": float(len(names)), f"{prefix}skipped_fraction": fraction}
+        plan = getattr(trainer.datamodule, "plan_report", None) if kind == "train" else None
+        if plan:  # the whole epoch's plan: a shorter last epoch reads as a fraction below 1, not as lost samples
+            metrics[f"{prefix}epoch_samples_planned"] = float(plan["kept_samples"])
+            metrics[f"{prefix}epoch_fraction_delivered"] = float(stats.packs) / max(1, int(plan["packs_per_rank"]))
         for name, value in metrics.items():  # already global sums: no sync_dist
             pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
         if trainer.global_rank != 0:
             return
-        line = (f"{kind} epoch {stats.epoch} data: {int(images)} of {int(planned)} planned samples in {int(packs)} packs; "
-                f"{int(skipped)} skipped ({fraction:.2%}) from {len(names)} shards")
+        line = (f"{kind} epoch {stats.epoch} data: {int(images)} of {int(planned)} samples in the {int(packs)} packs "
+                f"delivered; {int(skipped)} skipped ({fraction:.2%}) from {len(names)} shards"
+                + (f"; the epoch's plan: {plan['kept_samples']} samples, {plan['packs_per_rank']} packs per rank"
+                   if plan else ""))
         if names:
             shown = sorted(names)
             log.warning("%s (%s%s; limit max_skipped_fraction=%g)", line, ", ".join(shown[:5]),

@@ -33,6 +33,7 @@ def repa_layer_for(net: torch.nn.Module, preset: str, weight: float, layer: int 
     if not 1 <= layer <= net.config.depth:
         raise ValueError(f"repa_layer={layer} is outside 1..depth={net.config.depth}")
     return layer
+from nit_lightning.records.names import WEIGHTS_DOCS
 
 
 class LocalTorchEncoder:
@@ -77,7 +78,7 @@ def load_repa_encoder(
     if not Path(path).exists():
         raise FileNotFoundError(
             f"REPA encoder {path!r} not found: export the frozen encoder (e.g. RADIO-v2.5 via torch.jit.trace) to a "
-            "local .pt file and pass model.repa_encoder=/path/to/encoder.pt[:patch_size]"
+            f"local .pt file and pass model.repa_encoder=/path/to/encoder.pt[:patch_size] ({WEIGHTS_DOCS})"
         )
     if codec is None:
         raise ValueError("REPA features from an encoder need the data's codec to decode latents; the datamodule has none")

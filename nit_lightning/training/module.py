@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.datamodule import NativeLatentDataModule
-from nit_lightning.records import CheckpointMeta
+from nit_lightning.records import CheckpointMeta, SamplingRecipe, plain
 from nit_lightning.training.checkpoints import checkpoint_dir_of
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
 from nit_lightning.training.encoders import repa_layer_for
@@ -51,6 +51,9 @@ class NiTModule(LightningModule):
             encoder at the local path `repa_encoder` (see training/encoders.py).
         init_from: official safetensors loaded strictly into the net before training (SPEC §9).
         seed: base of the per-(rank, step) generators for noise, times and label dropout.
+        sampler: the sampler this model is meant to be sampled with (SamplerSettings keys, e.g. {method: heun,
+            steps: 8, cfg_scale: 3.0, cfg_interval: [0, 0.9]}). Every checkpoint records it with the token grids
+            trained on (CheckpointMeta.sampling); `sample` and the sample-grid callback use it unless told otherwise.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class NiTModule(LightningModule):
         repa_encoder: str | None = None,
         init_from: str | None = None,
         seed: int = 0,
+        sampler: dict[str, Any] | None = None,
     ):
         super().__init__()
         from nit_lightning.diffusion.flow import FlowMatchingLoss
@@ -104,6 +108,10 @@ class NiTModule(LightningModule):
         if not lr > 0:
             raise ValueError(f"model.lr={lr} must be > 0")
         self.compile_mode = resolve_compile_mode(compile, compile_blocks)
+        if sampler is not None:  # a misspelt key fails here, not when someone samples the finished run
+            from nit_lightning.generation.settings import SamplerSettings
+
+            SamplerSettings.from_dict(plain(sampler), where="model.sampler")
         if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
                              f"{lr_schedule!r}, {lr_min_ratio}")
@@ -230,18 +238,19 @@ class NiTModule(LightningModule):
             self.nonfinite.handle(loss.detach().cpu().item(), f"step {self.global_step} (batch {batch_idx}, rank "
                                   f"{self.global_rank})", list(batch.keys)[:20], taken=self.global_step,
                                   max_steps=max_steps)
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
+            self.log("optim/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
             return None
         B = batch.num_images
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.parts.items() if k != "nonfinite"}, batch_size=B)
+        # TensorBoard sorts tag groups by name: loss/, lr-AdamW, optim/, perf/ come before samples and data health.
+        self.log("loss/train", loss.detach(), prog_bar=True, batch_size=B)
+        self.log_dict({f"loss/train_{k}": v.detach() for k, v in out.parts.items() if k != "nonfinite"}, batch_size=B)
         return loss
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         # Fixed noise per (rank, batch): validation losses of different epochs are comparable. No label dropout.
         generator = self._generator(0, batch_idx, "val")
         out = self._loss(batch, batch.y, generator)
-        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
+        self.log("loss/val", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
         return out.loss
 
     def test_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
@@ -260,8 +269,16 @@ class NiTModule(LightningModule):
                 "loss": out.per_image.cpu()}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
+    def sampling_recipe(self) -> SamplingRecipe:
+        """The recommended sampler (model.sampler) and the token grids of the training data, when known."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        sampler = self.hparams.get("sampler")
+        return SamplingRecipe(sampler=plain(sampler) if sampler is not None else None,
+                              trained_tokens=dm.trained_tokens() if isinstance(dm, NativeLatentDataModule) else None)
+
     def checkpoint_meta(self) -> CheckpointMeta:
-        """What `generation.pipeline.load_pipeline` and a resume need: the net, its codec, the data it trained on."""
+        """What `generation.pipeline.load_pipeline` and a resume need: the net, its codec, the data it trained on, how
+        to sample it."""
         dm = self._trainer.datamodule if self._trainer is not None else None
         described = isinstance(dm, NativeLatentDataModule)
         return CheckpointMeta(
@@ -272,6 +289,7 @@ class NiTModule(LightningModule):
             data=dm.provenance() if described else None,
             step=int(self._trainer.global_step) if self._trainer is not None else None,
             skipped_steps=int(self.skipped_steps),
+            sampling=self.sampling_recipe().as_dict(),
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

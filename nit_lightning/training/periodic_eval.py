@@ -2,7 +2,8 @@
 
 Samples come from the generation iterator (image i: label i mod classes, seed derive_seed(seed, i), so the set does
 not depend on the GPU count); every rank makes its share, features are reduced with the DDP-safe `ADMFeatureStats`,
-and rank 0 logs `<prefix>/<HxW>/{fid,sfid,is,precision,recall}` to the trainer's loggers.
+and rank 0 logs `<prefix>/<HxW>/{fid,sfid,is,precision,recall}` to the trainer's loggers (prefix `quality`: the group
+sorts after loss/, lr, optim/ and perf/ in TensorBoard).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from nit_lightning.evaluation.extractors import FeatureExtractor, load_feature_e
 from nit_lightning.evaluation.metrics import compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
 from nit_lightning.generation.settings import Sweep, load_sweep, setting_from_dict
+from nit_lightning.records.names import WEIGHTS_DOCS
 from nit_lightning.training.periodic import SamplingCallback
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class EvaluationCallback(SamplingCallback):
                  settings: Sequence[dict[str, Any]] | None = None, sizes: Sequence[str] | None = None,
                  num_samples: int = 500, features: str = "inception", codec: str | dict | Codec | None = None,
                  steps: int | None = None, seed: int = 0, tokens_per_forward: int = 16384, at_train_end: bool = True,
-                 prefix: str = "eval") -> None:
+                 prefix: str = "quality") -> None:
         super().__init__(every_n_steps, at_train_end, codec)
         if num_samples < 2:
             raise ValueError(f"num_samples ({num_samples}) must be >= 2 (a covariance needs two samples)")
@@ -59,7 +61,7 @@ class EvaluationCallback(SamplingCallback):
                    if not (self.ref_dir / f"{s.name}.npz").is_file()]
         if missing:
             raise FileNotFoundError(f"EvaluationCallback: reference batches {missing} not found; build them with "
-                                    "`python -m nit_lightning reference build`")
+                                    f"`python -m nit_lightning reference build` (ADM's 256/512: {WEIGHTS_DOCS})")
 
     def fire(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.run(trainer, pl_module)

@@ -24,7 +24,9 @@ from nit_lightning.records.checkpoint import META_KEY, CheckpointMeta
 log = logging.getLogger(__name__)
 
 # NiTModule init args that change how a run executes, not what it learns: the config's value wins on resume.
-RUN_SETTINGS = frozenset({"compile_blocks", "activation_checkpointing", "on_nonfinite", "init_from", "repa_encoder"})
+# `sampler` is advice recorded for sampling (CheckpointMeta.sampling): it may change without changing what is learnt.
+RUN_SETTINGS = frozenset({"compile_blocks", "activation_checkpointing", "on_nonfinite", "init_from", "repa_encoder",
+                          "sampler"})
 # Compared through nit_meta's resolved net_config (net) or filled in from the data (latent_channels); Lightning's own.
 NOT_HPARAMS = frozenset({"net", "latent_channels", "_instantiator", "_class_path"})
 NET_RUNTIME = frozenset({"attn_backend"})  # the same maths by another kernel
