@@ -71,7 +71,8 @@ def test_train_xl_command_line(tmp_path):
                                 SLURM_JOB_ID="77", DATA_DIR="/data/lat", CKPT_DIR="/ckpt/xl",
                                 EXTRA_ARGS="--trainer.max_steps=5 --seed_everything=1")
     assert code == 0, err
-    assert "srun --kill-on-bad-exit=1 python -m nit_lightning fit --config experiments/nit_xl.yaml" in calls
+    assert ("srun --kill-on-bad-exit=1 --nodes=2 --ntasks=16 --ntasks-per-node=8 python -m nit_lightning fit --config "
+            "experiments/nit_xl.yaml") in calls
     for part in ("--trainer.num_nodes=2", "--trainer.devices=8", "path: /data/lat/native", "path: /data/lat/fixed512",
                  "--trainer.max_steps=5 --seed_everything=1", "NIT_CKPT_DIR=/ckpt/xl"):
         assert part in calls, part
@@ -167,6 +168,21 @@ def test_slurm_node_count_mismatch_is_an_error(slurm_env):
     trainer = Trainer(accelerator="cpu", devices=8, num_nodes=1, strategy="ddp", logger=False)
     assert trainer.world_size == 16  # from SLURM_NTASKS, while the strategy would plan for 1 x 8
     with pytest.raises(ValueError, match="num_nodes=1"):  # why the scripts pass --trainer.num_nodes=$SLURM_NNODES
+        RequeueOnSignal().setup(trainer, None, "fit")
+
+
+def test_more_slurm_tasks_than_the_trainer_expects_is_an_error(slurm_env, monkeypatch):
+    """A job requeued onto one node keeps SLURM_NTASKS=2: srun started two tasks there, each a one-device trainer of
+    its own (both rank 0, one checkpoint folder). Seen on the real cluster; refused before training."""
+    from lightning.pytorch import Trainer
+
+    from nit_lightning.training.fault_tolerance import RequeueOnSignal
+
+    for name, value in {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1",
+                        "SLURM_NODELIST": "n1", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = Trainer(accelerator="cpu", devices=1, num_nodes=1, logger=False)
+    with pytest.raises(ValueError, match="SLURM started 2 tasks .* expects num_nodes × devices = 1 × 1"):
         RequeueOnSignal().setup(trainer, None, "fit")
 
 

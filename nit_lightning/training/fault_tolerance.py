@@ -127,6 +127,13 @@ class RequeueOnSignal(Callback):
             # Lightning checks --nodes / --ntasks-per-node against the Trainer only for processes it launches itself;
             # under srun a mismatch (num_nodes=1 on 2 nodes) would silently plan data for the wrong world size.
             environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+            tasks = int(os.environ.get("SLURM_NTASKS", trainer.num_nodes * trainer.num_devices))
+            if tasks != trainer.num_nodes * trainer.num_devices:  # e.g. requeued onto fewer nodes, srun kept the count
+                raise ValueError(
+                    f"SLURM started {tasks} tasks (SLURM_NTASKS) but the trainer expects num_nodes × devices = "
+                    f"{trainer.num_nodes} × {trainer.num_devices}: the tasks would train apart, each writing the same "
+                    "checkpoints. Launch one task per device: srun --ntasks=<nodes × devices> --ntasks-per-node=<devices>"
+                    " (slurm/train_xl.sbatch does)")
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             environment.auto_requeue = False
             log.info("RequeueOnSignal: Lightning's SLURM auto_requeue switched off; this callback handles requeue")
