@@ -46,7 +46,7 @@ def _finish(process: subprocess.Popen) -> str:
 
 def _second(argv: list[str], cwd: Path, capfd) -> str:
     """The second run, in this process (no start-up delay): exit 2 and one error line."""
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
 
     before = os.getcwd()
     os.chdir(cwd)

@@ -374,15 +374,15 @@ def test_fit_sigusr1_requeue_and_resume_matches_uninterrupted(tmp_path):
 
 
 def _losses(cwd: Path) -> dict[int, float]:
-    """step -> train/loss over every TensorBoard version of a run (a restart writes the next version)."""
+    """step -> loss/train over every TensorBoard version of a run (a restart writes the next version)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     losses: dict[int, float] = {}
     for version in sorted((cwd / "outputs").glob("*/version_*"), key=lambda p: int(p.name.split("_")[1])):
         events = EventAccumulator(str(version), size_guidance={"scalars": 0})
         events.Reload()
-        if "train/loss" in events.Tags()["scalars"]:
-            for event in events.Scalars("train/loss"):
+        if "loss/train" in events.Tags()["scalars"]:
+            for event in events.Scalars("loss/train"):
                 assert event.step not in losses, f"step {event.step} logged twice"
                 losses[event.step] = event.value
     return losses

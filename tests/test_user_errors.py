@@ -48,7 +48,7 @@ def read_only(tmp_path):
 
 
 def test_read_only_outputs_fail_before_any_work(read_only, tmp_path, monkeypatch, capsys):
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
     from nit_lightning.data.synthetic import SynthSettings, write_synthetic
 
     images = tmp_path / "images"
@@ -70,7 +70,7 @@ def test_read_only_outputs_fail_before_any_work(read_only, tmp_path, monkeypatch
 
 def test_an_output_file_that_is_a_folder_fails_before_the_work(tmp_path, capsys):
     """Before: evaluate and reference build failed after all the work was done, and the result was lost."""
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
 
     assert main(["evaluate", "--samples", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--out", str(tmp_path),
                  "--features", "featurenet:/nowhere.pt"]) == 2
@@ -78,7 +78,7 @@ def test_an_output_file_that_is_a_folder_fails_before_the_work(tmp_path, capsys)
 
 
 def test_validate_with_a_truncated_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
 
     shards = write_latent_shards(tmp_path / "shards", num_samples=8)
     ckpt = write_lightning_checkpoint(tmp_path / "a.ckpt", random_debug_net(num_classes=10))
@@ -91,7 +91,7 @@ def test_validate_with_a_truncated_checkpoint_is_one_line(tmp_path, monkeypatch,
 
 
 def test_a_checkpoint_with_an_unknown_network_key_is_one_line(tmp_path, capsys):
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
 
     ckpt = write_lightning_checkpoint(tmp_path / "a.ckpt", random_debug_net())
     checkpoint = torch.load(ckpt, weights_only=True)
@@ -103,7 +103,7 @@ def test_a_checkpoint_with_an_unknown_network_key_is_one_line(tmp_path, capsys):
 
 
 def test_a_yaml_error_in_a_sweep_file_is_one_line_naming_the_place(tmp_path, capsys):
-    from nit_lightning.__main__ import main
+    from helpers.fit import run_command as main
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("settings:\n  - {size: 8x8, steps: 2\n")

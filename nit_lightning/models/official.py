@@ -55,8 +55,9 @@ def _read(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"official NiT checkpoint {str(path)!r} not found; download the EMA weights (model_1000K.safetensors) "
-            "of the official NiT release and pass their local path (README.md, section 'Real weights and data')"
+            f"official NiT checkpoint {str(path)!r} not found; download the EMA weights (a model.safetensors file: the "
+            "NiT-XL release names them model_1000K.safetensors and model_1500K.safetensors) and pass their local path "
+            "(README.md, section 'Real weights and data')"
         )
     from safetensors.torch import load_file
 

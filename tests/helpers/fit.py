@@ -20,3 +20,17 @@ def fit_args(shards: Path | list[Path], *, config: Path = DEBUG_CONFIG, max_step
         "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.max_steps", str(max_steps),
         "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
+
+
+def run_command(argv: list[str]) -> int:
+    """`python -m nit_lightning ARGV` in this process, without the entry point's process-wide signal handlers
+    (nit_lightning.stop_signals): a test must not leave them behind for the tests that follow."""
+    import importlib
+
+    from nit_lightning.__main__ import COMMANDS, LIGHTNING_COMMANDS
+
+    if argv[0] in LIGHTNING_COMMANDS:
+        from nit_lightning.cli.lightning import main
+
+        return main(argv)
+    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]) or 0)
