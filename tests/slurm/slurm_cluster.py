@@ -9,9 +9,13 @@ module added it). Needs root (package install, daemons that start jobs as any us
     python tests/slurm/slurm_cluster.py up   [RUN_DIR]   # install if absent, start, wait for both nodes
     python tests/slurm/slurm_cluster.py down [RUN_DIR]   # cancel every job, stop the daemons started by `up`
 Then `export SLURM_CONF=RUN_DIR/etc/slurm.conf` to use sbatch, squeue, scontrol against it.
+The ports are fixed, so one cluster runs per machine: `up` takes /tmp/nit-slurm.lock (NIT_SLURM_LOCK) for as long as
+its process lives, waiting for another session's cluster to be done; `down` from another process leaves a cluster
+alone whose owner is still alive (two sessions once stopped each other's daemons).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -29,6 +33,36 @@ NODES = {"n1": 17101, "n2": 17102}  # slurmd ports; slurmctld listens on CTLD_PO
 CTLD_PORT = 17817
 HOSTS_LINE = "127.0.0.1 n1 n2  # nit-lightning make test-slurm"
 KILL_WAIT = 30  # s between SIGTERM and SIGKILL when a job ends (the grace window for the save)
+LOCK = Path(os.environ.get("NIT_SLURM_LOCK", "/tmp/nit-slurm.lock"))
+_held: dict[str, object] = {}  # the lock's open file while this process owns the cluster
+
+
+def own_cluster(wait: float) -> bool:
+    """Take the machine-wide cluster lock (kept until this process exits); False if another live process holds it
+    after `wait` seconds. Says who holds it while waiting."""
+    if "file" in _held:
+        return True
+    handle = open(LOCK, "a+")
+    deadline, told = time.time() + wait, False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.time() >= deadline:
+                handle.close()
+                return False
+            if not told:
+                handle.seek(0)
+                print(f"waiting for the test cluster of another session ({handle.read().strip()})", file=sys.stderr)
+                told = True
+            time.sleep(5)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    _held["file"] = handle
+    return True
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -112,9 +146,11 @@ class Cluster:
         env["SLURM_CONF"] = str(self.conf)
         return env
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 90, wait_for_other: float = 1800) -> None:
+        if not own_cluster(wait_for_other):
+            raise RuntimeError(f"another session's SLURM test cluster still holds {LOCK} after {wait_for_other:.0f} s")
         ensure_packages()
-        self.stop()  # daemons left by an earlier run of this directory
+        self.stop()  # daemons left by an earlier run of this directory (its owner is gone: we hold the lock)
         for sub in ("state", "log", "spool"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         for sub in ("etc", "state", "log", "munge", *(f"spool/{n}" for n in NODES)):
@@ -163,11 +199,15 @@ class Cluster:
                 raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
             time.sleep(0.3)
 
-    def stop(self) -> None:
-        """Cancel every job, wait for their processes, stop the daemons this directory's `start` spawned."""
+    def stop(self) -> bool:
+        """Cancel every job, wait for their processes, stop the daemons this directory's `start` spawned, unless another
+        live process owns the cluster."""
+        if not own_cluster(wait=0):
+            print(f"the test cluster belongs to another live session ({LOCK}): left running", file=sys.stderr)
+            return False
         if not self.pids_file.exists():
             self._remove_hosts_line()
-            return
+            return True
         pids = json.loads(self.pids_file.read_text())
         alive = {name: pid for name, pid in pids.items() if _alive(pid)}
         if "slurmctld" in alive:
@@ -191,6 +231,7 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
         self.pids_file.unlink()
         self._remove_hosts_line()
+        return True
 
     def _add_hosts_line(self) -> None:
         try:
@@ -230,6 +271,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "up":
         cluster.start()
         print(f"cluster up: export SLURM_CONF={cluster.conf}")
-    else:
-        cluster.stop()
+    elif cluster.stop():
         print("cluster down")

@@ -75,7 +75,7 @@ def test_array_tasks_merge_into_one_table(array_metrics):
         assert metrics["num_samples"] == NUM and np.isfinite(metrics["fid"])
 
 
-def test_sharded_mode_finishes_with_the_array_modes_metrics(work, sweep_inputs, job_env, array_metrics):
+def test_sharded_mode_finishes_with_the_array_modes_metrics(work, sweep_inputs, job_env, request):
     out = work / "sweep-sharded"
     options = [o for o in CPU if not o.startswith("--nodes")]
     job = sbatch("sample_eval.sbatch", "--array=0", "--nodes=2", *options, env=job_env,
@@ -90,6 +90,7 @@ def test_sharded_mode_finishes_with_the_array_modes_metrics(work, sweep_inputs, 
     assert job.state == "COMPLETED"
     assert "over 2 tasks" in job.log_text()
     sharded = results(out)
+    array_metrics = request.getfixturevalue("array_metrics")  # after the sharded job: it must finish on its own
     for size in SIZES:
         for key in ("fid", "sfid", "is", "precision", "recall", "num_samples"):
             assert sharded[size][key] == pytest.approx(array_metrics[size][key], rel=1e-6, abs=1e-9), (size, key)
