@@ -173,7 +173,7 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
                 raise JobError(f"{what}: optimizer state {index}.{name} differs from the uninterrupted run")
 
 
-def logged_losses(log_dir: Path, tag: str = "train/loss") -> dict[int, float]:
+def logged_losses(log_dir: Path, tag: str = "loss/train") -> dict[int, float]:
     """step -> loss from every TensorBoard version under log_dir; a later version (a restart) wins a step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
