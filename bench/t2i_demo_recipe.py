@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-min-ratio", type=float, default=0.05)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--attn", default="auto", help="attention backend (CPU: loop, sdpa_mask)")
+    p.add_argument("--sort-pack", type=int, default=1, help="order a pack's images by (grid, caption length): the loop "
+                   "backend runs equal neighbours as one batch")
     p.add_argument("--time-only", type=int, default=0, help="time this many training steps and stop")
     # sampling / evaluation
     p.add_argument("--sample-steps", type=int, default=8)
@@ -158,6 +161,8 @@ def train(args, net, latents, captions, bank, eval_fn=None):
             batch.append(order[pos])
             used += tokens_of[order[pos]]
             pos += 1
+        if args.sort_pack:
+            batch.sort(key=lambda i: (latents[i].shape[1], latents[i].shape[2], len(captions[i])))
         x0, hw = pack_latents([latents[i] for i in batch], 1)
         drop = (torch.rand(len(batch), generator=gen) < args.caption_dropout).tolist()
         text = PackedText.from_list([bank["" if d else captions[i]] for i, d in zip(batch, drop)])
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     net = build_nit_t2i("NiT-T2I-debug", depth=args.depth, hidden_size=args.width, num_heads=args.heads,
-                        in_channels=8, text_dim=args.text_dim, modulation_rank=args.rank or None)
+                        in_channels=8, text_dim=args.text_dim, modulation_rank=args.rank or None,
+                        attn_backend=args.attn)
     params = sum(p.numel() for p in net.parameters())
     print(f"net: {params:,} parameters; {len(latents)} latents (with flips)", flush=True)
     codec = TinyAECodec(data / "tinyae.pt")
