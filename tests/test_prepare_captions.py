@@ -82,6 +82,14 @@ def test_beside_captions_reach_the_shards_and_the_packs(synth, tmp_path):
     assert _check_packs(out, truth, flip_prob=1.0) == NUM  # mirrored latents keep their caption
 
 
+def test_captions_travel_to_decode_workers_and_give_the_same_bytes(synth, tmp_path):
+    here, workers = tmp_path / "here", tmp_path / "workers"
+    assert _prepare("--input", str(synth), "--output", str(here), "--captions", "beside") == 0
+    assert _prepare("--input", str(synth), "--output", str(workers), "--captions", "beside", "--num-workers", "2") == 0
+    assert {p.name: p.read_bytes() for p in here.glob("shard-*")} == \
+        {p.name: p.read_bytes() for p in workers.glob("shard-*")}
+
+
 def test_a_manifest_of_a_split_set_captions_its_own_folder(tmp_path):
     # captions.jsonl lies at the set's top, its files in train/ and val/: --input train/ takes train's entries only.
     root = tmp_path / "split"

@@ -54,10 +54,8 @@ class Decoded:
 class DecodeDataset(Dataset):
     """Item k of the plan -> `Decoded` (runs in the DataLoader workers)."""
 
-    def __init__(self, items: list[Item], root: str, mode: str, factor: int, max_area: int | None,
-                 captions: list[str] | None = None):
+    def __init__(self, items: list[Item], root: str, mode: str, factor: int, max_area: int | None):
         self.items, self.root, self.mode, self.factor, self.max_area = items, Path(root), mode, factor, max_area
-        self.captions = captions  # by global index (the listing's order), for a captioned folder
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,8 +76,6 @@ class DecodeDataset(Dataset):
         out.pixels = np.ascontiguousarray(array.transpose(2, 0, 1))
         out.meta = {"source": rel, "orig_size": list(change.orig_hw), "mode": self.mode, "resize": change.describe(),
                     "converted": conversions}
-        if self.captions is not None:  # the text travels with its latent: the shard sample alone is a training pair
-            out.meta["caption"] = self.captions[index]
         out.resized = [op.split(" ")[0] for op in change.ops] or ["unchanged"]
         return out
 

@@ -189,12 +189,14 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
     """Encode this rank's unfinished shards (data/encode.py); a failing shard is reported and left unfinished."""
     out = Path(settings.output)
     items = [(s, index, rel, cls) for s in todo for index, rel, cls in plan[s]]
-    dataset = DecodeDataset(items, settings.input, settings.mode, codec.factor, settings.max_area, captions)
+    dataset = DecodeDataset(items, settings.input, settings.mode, codec.factor, settings.max_area)
     encoder = BucketEncoder(codec, settings.batch_size, settings.flip, settings.device)
 
     def to_members(decoded, latent, mirror) -> tuple[str, dict[str, bytes], int]:
         key = f"{decoded.index:08d}"
-        members = sample_members(key, latent, decoded.cls, dtype=settings.latent_dtype, latent_flip=mirror, meta=decoded.meta)
+        # The caption joins here, in this process: the decode workers never hold the texts (SAM: ~5 GB of them).
+        meta = decoded.meta if captions is None else {**decoded.meta, "caption": captions[decoded.index]}
+        members = sample_members(key, latent, decoded.cls, dtype=settings.latent_dtype, latent_flip=mirror, meta=meta)
         return key, members, int(latent.shape[1] * latent.shape[2])
 
     def finish(state: ShardState) -> None:
