@@ -110,3 +110,16 @@ def test_t2i_resume_is_bitwise_exact(captioned, tmp_path, monkeypatch):
         assert a[name].keys() == b[name].keys()
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}[{key}] differs"
+
+
+def test_resuming_with_another_text_encoder_is_refused(captioned, tmp_path, monkeypatch):
+    from nit_lightning.records import SettingsMismatch
+
+    run(tmp_path, captioned, 1, monkeypatch)
+    other = make_tiny_text_encoder(["a red disc"], TinyTextConfig(dim=16, seed=1))
+    save_tiny_text_encoder(other, tmp_path / "other.pt")
+    from nit_lightning.cli.lightning import run_cli
+
+    args = t2i_args(captioned[0], tmp_path / "other.pt", 2, ["--ckpt_path", "last"])
+    with pytest.raises(SettingsMismatch, match="model.text_encoder"):
+        run_cli(args)
