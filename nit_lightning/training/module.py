@@ -225,7 +225,9 @@ class NiTModule(LightningModule):
         drop = None
         if generator is not None and p > 0.0:  # the same draw as for labels: one uniform per image
             drop = torch.rand(batch.y.shape, generator=generator, device=batch.y.device) < p
-        return self.text.condition(getattr(batch, "captions", None), drop, self.device, where=where)
+        text = self.text.condition(batch.captions, drop, self.device, where=where)
+        self.last_text_lengths = text.lengths  # caption tokens as trained: ThroughputMonitor counts their FLOPs
+        return text
 
     def _repa_features(self, batch: PackedBatch) -> torch.Tensor | None:
         if self.loss_fn.repa_weight <= 0:
