@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("nit_lightning.cli.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
     "featurenet": ("nit_lightning.cli.featurenet", "train the small demo feature network (Inception stand-in)"),
     "tinyae": ("nit_lightning.cli.tinyae", "train the tiny autoencoder of the tinyae:PATH codec"),
+    "tinytext": ("nit_lightning.cli.tinytext", "make the tiny text encoder of tinytext:PATH from captions (NiT-T2I)"),
     "demo": ("nit_lightning.demo.command", "the CPU end-to-end demo: synth, prepare, fit, sample, evaluate"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

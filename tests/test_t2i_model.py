@@ -225,3 +225,30 @@ def test_bf16_autocast_forward_is_close():
             out = net(x, t, text, hw)
     assert out.dtype == torch.bfloat16
     assert float((out.float() - ref).norm() / ref.norm()) < 3e-2
+
+
+def test_t2i_forward_flops_equal_flop_counter(monkeypatch):
+    """Self-attention, cross-attention (a null caption included), LoRA modulation and the caption embedder, counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import nit_lightning.models.attention as attention
+    import nit_lightning.models.cross_attention as cross
+    from nit_lightning.models.attention import reference_attention
+    from nit_lightning.models.cross_attention import reference_cross_attention
+    from nit_lightning.models.flops import forward_flops
+
+    # FlopCounterMode does not see CPU's fused SDPA kernel; the float64 references' einsums it counts.
+    monkeypatch.setitem(attention._IMPL, "loop", lambda q, k, v, cu, m, seqlens=None, **_:
+                        reference_attention(q, k, v, seqlens).to(q.dtype))
+    monkeypatch.setitem(cross._IMPL, "loop", lambda q, k, v, cu_q, cu_k, mq, mk, q_lens=None, k_lens=None, **_:
+                        reference_cross_attention(q, k, v, q_lens, k_lens).to(q.dtype))
+    net = build_nit_t2i("NiT-T2I-debug", in_channels=4, text_dim=32, attn_backend="loop")
+    hw = torch.tensor([[2, 3], [4, 2], [3, 3]])
+    lengths = torch.tensor([5, 0, 3])
+    x = torch.randn(int(hw.prod(-1).sum()), 4)
+    text = PackedText(torch.randn(int(lengths.sum()), 32), lengths)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(x, torch.rand(3), text, hw)
+    assert forward_flops(net.config, hw.prod(-1), text_lengths=lengths) == fc.get_total_flops()
+    with pytest.raises(ValueError, match="text_lengths"):
+        forward_flops(net.config, hw.prod(-1))

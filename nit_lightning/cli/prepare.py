@@ -8,6 +8,7 @@ import time
 
 from nit_lightning.cli.common import parser as make_parser
 from nit_lightning.cli.common import run_command
+from nit_lightning.data.captions import CAPTIONS_HELP, MISSING_CAPTION
 from nit_lightning.data.codecs import CODEC_SPEC_HELP
 from nit_lightning.data.imageops import MODES_HELP
 from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
@@ -17,10 +18,12 @@ log = logging.getLogger("prepare")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser("prepare", "Images (class sub-folders, or a flat folder + --labels) -> latent shards. Resumable; "
+    p = make_parser("prepare", "Images (class sub-folders, a flat folder + --labels, or captioned images + --captions) "
+                               "-> latent shards. Resumable; "
                                "decoding in --num-workers processes, one codec per rank (torchrun/srun: one per GPU).",
                     renamed={"--dtype": "--latent-dtype"})
-    p.add_argument("--input", help="image folder: class sub-folders, or flat with --labels (required unless --reindex)")
+    p.add_argument("--input", help="image folder: class sub-folders, flat with --labels, or any layout with --captions "
+                   "(required unless --reindex)")
     p.add_argument("--output", required=True, help="shard directory (shards, sidecars, index.json, classes.json)")
     p.add_argument("--mode", default="native", help=MODES_HELP)
     p.add_argument("--codec", default="pixel:8", help=CODEC_SPEC_HELP + " (default: pixel:8, 192 channels, for debug "
@@ -29,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the DC-AE encoder")
     p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class "
                    "(default: none, the class sub-folders are the labels)")
+    p.add_argument("--captions", default=None, help=CAPTIONS_HELP)
+    p.add_argument("--missing-caption", default="skip", choices=MISSING_CAPTION,
+                   help="an image without a caption (or an empty one): skip it, counted as 'no-caption' (default), "
+                        "or keep it with the empty caption")
     p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored image")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard tar")
     p.add_argument("--num-workers", type=int, default=0,
@@ -59,6 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, mode=args.mode, codec=args.codec, codec_dtype=args.codec_dtype,
         labels=args.labels, flip=args.flip, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
         latent_dtype=args.latent_dtype, device=args.device, prefix=args.prefix, batch_size=args.batch_size, max_area=args.max_area,
+        captions=args.captions, missing_caption=args.missing_caption,
     )
     start = time.perf_counter()
     result = run_prepare(settings)

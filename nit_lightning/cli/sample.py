@@ -7,6 +7,10 @@ Without --num-samples it makes one image per class (at most 16): a grid to look 
 --num-samples 50000 with the paper's sampler flags, or --sweep experiments/sweeps/resolution.yaml (per-size settings,
 taken from the file as they are).
 
+NiT-T2I checkpoints sample prompts: --prompts FILE (one prompt per line, or JSONL with prompt and optional height,
+width, seed; generation/prompts.py) at each prompt's size, else at every --sizes size; OUT holds the PNGs and
+prompts.jsonl, one line per image {file, prompt, height, width, seed} (generation/prompt_set.py).
+
 Image i has label i mod num_classes and seed derive_seed(seed, i): the set is the same on any number of GPUs
 (`torchrun --nproc-per-node 8 -m nit_lightning sample ...` gives each rank a strided slice). Resumable: existing
 PNGs are kept; a folder made by other weights or settings is refused (provenance.json).
@@ -37,14 +41,17 @@ RENAMED = {"--dtype": "--integration-dtype", "--tokens-per-pack": "--tokens-per-
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("sample", __doc__, renamed=RENAMED)
     p.add_argument("--ckpt", required=True, help="Lightning .ckpt of NiTModule or official NiT .safetensors")
-    which = p.add_mutually_exclusive_group(required=True)
+    which = p.add_mutually_exclusive_group()
     which.add_argument("--sizes", help="pixel sizes HxW, comma-separated, e.g. 256x256,320x960 (this or --sweep is "
-                                          "required)")
+                                          "required; with --prompts: the sizes of prompts that give none)")
     which.add_argument("--sweep", help="sweep file of per-size sampler settings (experiments/sweeps/*.yaml), taken as "
                                           "written (this or --sizes is required)")
+    p.add_argument("--prompts", help="NiT-T2I: a prompts file, one prompt per line or JSONL with prompt and optional "
+                                     "height, width (pixels) and seed; OUT gets the PNGs and prompts.jsonl")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per size, exactly (default: one per class, at most 16: a grid to look at; the paper's "
-                        "protocol: --num-samples 50000, or --sweep experiments/sweeps/resolution.yaml)")
+                        "protocol: --num-samples 50000, or --sweep experiments/sweeps/resolution.yaml); with "
+                        "--prompts: images per prompt and size (default 1)")
     recipe = "the checkpoint's recipe, else"
     p.add_argument("--method", choices=METHODS, default=None, help=f"euler | heun | sde (default: {recipe} euler)")
     p.add_argument("--steps", type=int, default=None,
@@ -98,6 +105,10 @@ def sampler_flags(args: argparse.Namespace) -> dict[str, Any]:
 def _run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     flags = sampler_flags(args)
+    if args.prompts is not None:
+        return _run_prompts(args, flags)
+    if not args.sizes and not args.sweep:
+        raise ValueError("give --sizes or --sweep (or --prompts FILE for a text-to-image checkpoint)")
     run = SampleRun(ckpt=args.ckpt, out=args.out, settings=list(load_sweep(args.sweep).settings) if args.sweep else [],
                     sizes=parse_sizes(args.sizes) if args.sizes else [], sampler_flags=flags,
                     rope_interp=not args.no_rope_interp, num_samples=args.num_samples,
@@ -110,6 +121,26 @@ def _run(args: argparse.Namespace) -> int:
     if ranks.is_main:
         for name, path in paths.items():
             print(f"{name}: {path}")
+    return 0
+
+
+def _run_prompts(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    """`sample --prompts`: read and check the prompts (before the checkpoint loads), then sample them."""
+    from nit_lightning.generation.prompt_set import PromptRun, run_prompts
+    from nit_lightning.generation.prompts import read_prompts
+
+    if args.sweep:
+        raise ValueError("--prompts and --sweep cannot be combined: give the sizes with --sizes or in the prompts file")
+    run = PromptRun(ckpt=args.ckpt, out=args.out, specs=read_prompts(args.prompts), prompts_file=args.prompts,
+                    sizes=parse_sizes(args.sizes) if args.sizes else [], sampler_flags=flags,
+                    rope_interp=not args.no_rope_interp, per_prompt=args.num_samples or 1, seed=args.seed,
+                    tokens_per_forward=args.tokens_per_forward, codec=args.codec, device=args.device,
+                    use_ema=not args.live_weights, round=args.round)
+    ranks = distributed.from_environment()
+    with distributed.process_group(ranks, distributed.device_for(args.device, ranks.local_rank)):
+        path = run_prompts(run)
+    if ranks.is_main:
+        print(f"prompts: {path}")
     return 0
 
 

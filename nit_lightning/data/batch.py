@@ -17,12 +17,15 @@ class PackedBatch:
     keys: list[str] = field(default_factory=list)  # source keys, for logging and debugging only
     repa_z: torch.Tensor | None = None  # (N, z_dim) frozen-encoder features per token, when REPA is on
     dropped: list[str] = field(default_factory=list)  # "<dir>/<shard>" of each planned sample left out (on_error=skip)
+    captions: list[str] | None = None  # one caption per image in batch order (T2I shards); None: class-conditional
 
     def __post_init__(self) -> None:
         if self.hw.ndim != 2 or self.hw.shape[1] != 2:
             raise ValueError(f"hw must be (B, 2), got {tuple(self.hw.shape)}")
         if self.y.shape[0] != self.hw.shape[0] or self.seqlens.shape[0] != self.hw.shape[0]:
             raise ValueError(f"y {tuple(self.y.shape)} / seqlens {tuple(self.seqlens.shape)} do not match hw")
+        if self.captions is not None and len(self.captions) != self.hw.shape[0]:
+            raise ValueError(f"{len(self.captions)} captions for {self.hw.shape[0]} images: one caption per image")
 
     @property
     def num_images(self) -> int:

@@ -18,12 +18,18 @@ class Listing:
 
     items: list[tuple[str, int]]
     classes: list[str]
-    skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder
+    skipped: list[dict[str, str]]  # {"source", "reason", "detail"}: no-label, missing-file, no-class-folder,
+    # no-caption, unreadable-caption
     ignored: list[str]  # files that are not images by extension (e.g. synth.json)
     identity: list[tuple[int, int]] = field(default_factory=list)  # (size in bytes, mtime in ns) per item
+    captions: list[str] | None = None  # per item, for a captioned folder (data/captions.py); None: class-conditional
+    empty_captions: int = 0  # items kept with the empty caption (--missing-caption empty)
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.items).encode()).hexdigest()
+        """SHA-1 of the work list; the caption text is part of it (changed captions refuse a resume like changed
+        labels). Without captions it is the digest of the items alone, as before captions existed."""
+        content = self.items if self.captions is None else [self.items, self.captions]
+        return hashlib.sha1(json.dumps(content).encode()).hexdigest()
 
     def files_digest(self) -> str:
         """SHA-1 over (path, size, mtime) of every item: another folder with the same names, or files rewritten in

@@ -102,6 +102,7 @@ class PackDataset(IterableDataset):
         places = [locate(self.sources, int(i)) for i in ids]
         latents: list[torch.Tensor | None] = [None] * len(ids)
         labels, keys, dropped = [0] * len(ids), [""] * len(ids), []
+        captions: list[str | None] = [None] * len(ids)
         p = self.patch_size
         for i in sorted(range(len(ids)), key=places.__getitem__):  # shard by shard, in file order
             s, shard, position = places[i]
@@ -118,6 +119,7 @@ class PackDataset(IterableDataset):
                 continue
             latents[i] = sample.latent  # the mirrored latent when the plan says flip and the shard has one
             labels[i] = sample.cls
+            captions[i] = sample.caption  # a mirrored latent keeps its caption (flip_prob 0 for "left"/"right" texts)
             keys[i] = f"{source.path.name}/{source.shard_names[shard].removesuffix('.tar')}/{sample.key}"
         kept = [i for i in range(len(ids)) if latents[i] is not None]
         if not kept:
@@ -130,8 +132,24 @@ class PackDataset(IterableDataset):
             seqlens=hw[:, 0] * hw[:, 1],
             keys=[keys[i] for i in kept],
             dropped=dropped,
+            captions=pack_captions([captions[i] for i in kept], [keys[i] for i in kept]),
         )
         return batch, dropped
+
+
+def pack_captions(captions: list[str | None], keys: list[str]) -> list[str] | None:
+    """The pack's captions in batch order, or None when no sample has one (class-conditional shards); a pack of both
+    kinds means captioned and class-conditional sources were mixed, which no model can train on."""
+    if all(c is None for c in captions):
+        return None
+    if any(c is None for c in captions):
+        with_text = [k for k, c in zip(keys, captions) if c is not None]
+        without = [k for k, c in zip(keys, captions) if c is None]
+        raise ShardReadError(
+            f"a pack mixes captioned samples ({', '.join(with_text[:2])}) and samples without a caption "
+            f"({', '.join(without[:2])}): use only sources prepared with --captions, or only without"
+        )
+    return captions
 
 
 def check_planned(path, key: str, latent: torch.Tensor, planned: int, patch_size: int, channels: int | None) -> None:

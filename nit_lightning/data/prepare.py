@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nit_lightning import distributed
+from nit_lightning.data.captions import caption_kind, list_captioned_images
 from nit_lightning.data.codecs import Codec, codec_from_spec
 from nit_lightning.data.encode import BucketEncoder, DecodeDataset, ShardState, encode_shards
 from nit_lightning.data.imageops import default_max_area, parse_mode
@@ -51,6 +52,8 @@ class PrepareSettings:
     prefix: str = "shard"
     batch_size: int = 16  # codec inputs per call (an image and its mirror count two); equal sizes of a shard
     max_area: int | None = None  # (bytes) native area cap; None: (64·factor)², 2048² for DC-AE
+    captions: str | None = None  # (bytes) "beside" (photo.txt) | a JSONL manifest path | None: class-conditional
+    missing_caption: str = "skip"  # (bytes) an image without a caption: skip (counted "no-caption") | empty ("")
 
 
 def shard_name(prefix: str, shard_id: int) -> str:
@@ -72,7 +75,7 @@ def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing) ->
 
 # What a difference in a digest means, for the message that refuses a rerun.
 DIGEST_LABELS = {
-    "listing_sha1": "listing_sha1 (images added, removed or relabelled)",
+    "listing_sha1": "listing_sha1 (images added, removed, relabelled or recaptioned)",
     "files_sha1": "files_sha1 (another input folder, or input files rewritten since: their sizes or times differ)",
 }
 REMEDY = "use a new --output directory, or delete the old shards to re-encode"
@@ -83,7 +86,8 @@ def plan_record(settings: PrepareSettings, fingerprint: dict[str, Any], listing:
     """prepare.json: the fingerprint is compared; the options, the plan's size and what was skipped are recorded."""
     return SettingsRecord("prepare", settings=fingerprint, info={
         "options": asdict(settings), "num_shards": num_shards, "num_classes": len(listing.classes),
-        "listing_skipped": listing.skipped, "ignored_files": listing.ignored})
+        "listing_skipped": listing.skipped, "ignored_files": listing.ignored,
+        "captions": caption_kind(settings.captions), "empty_captions": listing.empty_captions})
 
 
 def read_plan(out: Path) -> SettingsRecord:
@@ -123,7 +127,7 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
         )
     if settings.num_workers < 0:
         raise ValueError(f"--num-workers {settings.num_workers} must be ≥ 0")
-    listing = list_labelled_images(settings.input, settings.labels)
+    listing = _listing(settings)
     if not listing.items:
         raise ValueError(
             f"no usable images in {settings.input} "
@@ -133,6 +137,23 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     # the lock for the ranks of its own run, which write disjoint shards).
     with folder_lock(settings.output, "prepare", enabled=ranks.is_main):
         return _prepare(settings, codec, listing, ranks)
+
+
+def _listing(settings: PrepareSettings) -> Listing:
+    """Class folders, a flat folder + labels file, or a captioned folder (data/captions.py: class 0, no labels)."""
+    if settings.captions is None:
+        if settings.missing_caption != "skip":
+            raise ValueError(f"--missing-caption {settings.missing_caption} is for captioned folders: pass --captions "
+                             f"beside or --captions MANIFEST.jsonl too")
+        return list_labelled_images(settings.input, settings.labels)
+    if settings.labels is not None:
+        raise ValueError(f"--labels {settings.labels} and --captions {settings.captions} exclude each other: a "
+                         f"captioned folder has no classes (every image is class 0); leave one out")
+    listing = list_captioned_images(settings.input, settings.captions, settings.missing_caption)
+    if listing.empty_captions:
+        log.warning("%d images have no caption and are kept with the empty caption (--missing-caption empty)",
+                    listing.empty_captions)
+    return listing
 
 
 def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: distributed.Ranks) -> dict[str, Any]:
@@ -152,7 +173,7 @@ def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: d
     todo = [s for s in mine if not shard_is_complete(out / shard_name(settings.prefix, s))]
     log.info("rank %d/%d: %d shards of %d are mine, %d already complete, %d to encode", rank, world, len(mine),
              len(plan), len(mine) - len(todo), len(todo))
-    encoded = _encode_all(todo, plan, settings, codec, fingerprint)
+    encoded = _encode_all(todo, plan, settings, codec, fingerprint, listing.captions)
     failed = encoded["failed"]
     complete = all(shard_is_complete(out / shard_name(settings.prefix, s)) for s in range(len(plan)))
     index = reindex(out) if complete else None
@@ -163,7 +184,8 @@ def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: d
             "codec_calls": encoded["codec_calls"], "images_encoded": encoded["images_encoded"]}
 
 
-def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint) -> dict[str, Any]:
+def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint,
+                captions: list[str] | None) -> dict[str, Any]:
     """Encode this rank's unfinished shards (data/encode.py); a failing shard is reported and left unfinished."""
     out = Path(settings.output)
     items = [(s, index, rel, cls) for s in todo for index, rel, cls in plan[s]]
@@ -172,7 +194,9 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
 
     def to_members(decoded, latent, mirror) -> tuple[str, dict[str, bytes], int]:
         key = f"{decoded.index:08d}"
-        members = sample_members(key, latent, decoded.cls, dtype=settings.latent_dtype, latent_flip=mirror, meta=decoded.meta)
+        # The caption joins here, in this process: the decode workers never hold the texts (SAM: ~5 GB of them).
+        meta = decoded.meta if captions is None else {**decoded.meta, "caption": captions[decoded.index]}
+        members = sample_members(key, latent, decoded.cls, dtype=settings.latent_dtype, latent_flip=mirror, meta=meta)
         return key, members, int(latent.shape[1] * latent.shape[2])
 
     def finish(state: ShardState) -> None:
@@ -240,6 +264,7 @@ def reindex(output: str | Path) -> dict[str, Any]:
         "mode": fingerprint["mode"], "dtype": fingerprint["dtype"], "flip": fingerprint["flip"],
         "samples_per_shard": fingerprint["samples_per_shard"], "num_classes": plan.info["num_classes"],
         "source": plan.info["options"]["input"],
+        "captions": plan.info.get("captions"),  # "beside" | "manifest": each sample's json has "caption"; None: C2I
         "counts": {
             "listed": fingerprint["num_items"] + len(plan.info["listing_skipped"]),
             "written": written,
@@ -247,6 +272,7 @@ def reindex(output: str | Path) -> dict[str, Any]:
             "converted": dict(sorted(Counter(r for e in converted for r in e["reasons"]).items())),
             "resized": dict(sorted(resized.items())),
             "ignored_files": len(plan.info["ignored_files"]),
+            **({"empty_captions": plan.info["empty_captions"]} if plan.info.get("captions") else {}),
         },
         "skipped": skipped, "converted": converted, "ignored_files": plan.info["ignored_files"],
     }

@@ -4,7 +4,8 @@ One sample per source image, members sharing the key `<key>`:
   <key>.latent.npy       (C, h, w) float16, or bfloat16 stored as uint16 bits (meta "dtype": "bfloat16")
   <key>.latent_flip.npy  optional: the latent of the horizontally mirrored image, same shape and dtype
   <key>.cls              class index as ASCII (the WebDataset convention)
-  <key>.json             {"cls", "orig_size": [H, W], "latent_hw": [h, w], "source", "dtype", "mode"}
+  <key>.json             {"cls", "orig_size": [H, W], "latent_hw": [h, w], "source", "dtype", "mode"}, and "caption"
+                         (text) in the shards of a captioned folder (index.json "captions": "beside" | "manifest")
 Beside every `<prefix>-%06d.tar` a `<prefix>-%06d.json` sidecar lists the shard's keys and token lengths (h·w), so a
 packer can plan packs from lengths alone. `index.json` merges the sidecars and adds the settings of the run.
 """
@@ -41,6 +42,11 @@ class LatentSample:
     @property
     def num_tokens(self) -> int:
         return int(self.latent.shape[-2] * self.latent.shape[-1])
+
+    @property
+    def caption(self) -> str | None:
+        """The image's caption (a captioned folder's `prepare --captions`), None in class-conditional shards."""
+        return self.meta.get("caption")
 
 
 class ShardFormatError(ValueError):

@@ -1,6 +1,6 @@
 """Samplers of the flow x_t = (1−t)·x0 + t·ε (SPEC §7): Euler / Heun ODE and Euler–Maruyama SDE on packed sequences.
 
-`sample` is a pure function of (model_fn, noise, labels, grids, guidance); randomness comes in as generators. Every
+`sample` is a pure function of (model_fn, noise, labels or captions, grids, guidance); randomness comes in as generators. Every
 image owns its own generator (seeded from (seed, index)), so a sample set does not depend on packing or GPU count.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from nit_lightning.diffusion.guidance import GuidedModel, ModelFn, guidance_active
+from nit_lightning.diffusion.guidance import Condition, GuidedModel, ModelFn, guidance_active, num_conditioned
+from nit_lightning.models.text import PackedText
 
 METHODS = ("euler", "heun", "sde")
 SDE_T_LAST = 0.04  # the SDE grid ends at t = 0.04, then one deterministic step to 0 (REPA's Euler–Maruyama)
@@ -71,13 +72,14 @@ def per_sample_noise(
     return StackedGenerator(seeds, device, stream=stream).randn(seqlens_of(hw), dim, dtype)
 
 
-def _check_inputs(noise: torch.Tensor, y: torch.Tensor, hw: torch.Tensor, method: str, steps: int) -> None:
+def _check_inputs(noise: torch.Tensor, y: Condition, hw: torch.Tensor, method: str, steps: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     if steps < 1 or (method == "sde" and steps < 2):
         raise ValueError(f"steps={steps} is too small for {method} (euler/heun need >= 1, sde >= 2)")
-    if noise.ndim != 2 or hw.ndim != 2 or hw.shape[1] != 2 or y.shape[0] != hw.shape[0]:
-        raise ValueError(f"expected noise (N, D), y (B,), hw (B, 2); got {tuple(noise.shape)}, {tuple(y.shape)}, {tuple(hw.shape)}")
+    if noise.ndim != 2 or hw.ndim != 2 or hw.shape[1] != 2 or num_conditioned(y) != hw.shape[0]:
+        raise ValueError(f"expected noise (N, D), a condition of B images, hw (B, 2); got {tuple(noise.shape)}, "
+                         f"{num_conditioned(y)} conditions, {tuple(hw.shape)}")
     if sum(seqlens_of(hw)) != noise.shape[0]:
         raise ValueError(f"hw describes {sum(seqlens_of(hw))} tokens but noise has {noise.shape[0]} rows")
 
@@ -86,7 +88,7 @@ def _check_inputs(noise: torch.Tensor, y: torch.Tensor, hw: torch.Tensor, method
 def sample(
     model_fn: ModelFn,
     noise: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     hw: torch.Tensor,
     *,
     method: str = "euler",
@@ -110,7 +112,7 @@ def sample(
         raise ValueError(f"integration dtype must be torch.float32 or torch.float64, got {dtype}")
     guided = GuidedModel(
         model_fn, cfg_scale=cfg_scale, cfg_interval=cfg_interval, null_class=null_class,
-        model_dtype=model_dtype or noise.dtype,
+        model_dtype=model_dtype or noise.dtype, text=isinstance(y, PackedText),
     )
     x = noise.to(dtype)
     if method in ("euler", "heun"):
@@ -146,7 +148,7 @@ def model_calls(method: str, steps: int, cfg_scale: float = 1.0,
     return calls, guided
 
 
-def _ode(f: GuidedModel, x: torch.Tensor, y: torch.Tensor, hw: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
+def _ode(f: GuidedModel, x: torch.Tensor, y: Condition, hw: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
     """Euler: x ← x + (t_{k+1} − t_k)·v̂(x, t_k); Heun adds the trapezoid corrector on all but the last step."""
     ts = ode_times(steps)
     for k in range(steps):
@@ -165,7 +167,7 @@ def _ode(f: GuidedModel, x: torch.Tensor, y: torch.Tensor, hw: torch.Tensor, ste
 def _sde(
     f: GuidedModel,
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: Condition,
     hw: torch.Tensor,
     steps: int,
     generator: torch.Generator | StackedGenerator | None,
@@ -246,12 +248,18 @@ def sample_pack(
     *,
     device: torch.device | str = "cpu",
     noise_dtype: torch.dtype = torch.float32,
+    condition: PackedText | None = None,
     **sample_kwargs,
 ) -> torch.Tensor:
-    """Sample one pack of requests with per-image noise (stream 0) and per-image SDE noise (stream 1): (N, dim)."""
+    """Sample one pack of requests with per-image noise (stream 0) and per-image SDE noise (stream 1): (N, dim).
+
+    The condition is the requests' labels, or `condition` (the pack's captions, in pack order) for NiT-T2I."""
     seeds = [r.seed for r in pack]
     hw = torch.tensor([list(r.hw) for r in pack], dtype=torch.long, device=device)
-    y = torch.tensor([r.label for r in pack], dtype=torch.long, device=device)
+    if condition is not None and condition.num_images != len(pack):
+        raise ValueError(f"{condition.num_images} captions for a pack of {len(pack)} images")
+    y = (torch.tensor([r.label for r in pack], dtype=torch.long, device=device) if condition is None
+         else condition.to(device))
     noise = per_sample_noise(seeds, hw, dim, device=device, dtype=noise_dtype, stream=0)
     gen = StackedGenerator(seeds, device, stream=1)
     return sample(model_fn, noise, y, hw, generator=gen, **sample_kwargs)

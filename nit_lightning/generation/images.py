@@ -23,12 +23,14 @@ class NonFiniteSamples(ValueError):
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One image to make: its index in the set (names its file), its pixel size (H, W), class label and seed."""
+    """One image to make: its index in the set (names its file), its pixel size (H, W), class label and seed; for a
+    NiT-T2I pipeline its prompt (the label is then unused)."""
 
     index: int
     size: tuple[int, int]
     label: int
     seed: int
+    prompt: str | None = None
 
 
 @dataclass
@@ -53,6 +55,7 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
     indices = [r.index for r in requests]
     if len(set(indices)) != len(indices):
         raise ValueError("image requests must have distinct indices (they name the outputs and derive the seeds)")
+    _check_conditions(pipeline, requests)
     m = pipeline.size_multiple
     by_index = {r.index: r for r in requests}
     # Images whose RoPE positions are interpolated by the same factor share packs (one table per pack), so an image
@@ -67,10 +70,12 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
              for pack in plan_sample_packs(group, tokens_per_forward, cfg=sampler.guided)]
     for scale, pack in packs:
         model_fn = pipeline.model_fn(sampler.precision, rope_interp_scale=None if scale == 1.0 else scale)
+        text = (pipeline.encode_prompts([by_index[r.index].prompt for r in pack], device)
+                if pipeline.conditioning == "text" else None)
         try:
-            x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device,
+            x_ND = sample_pack(model_fn, pack, pipeline.token_dim, device=device, condition=text,
                                method=sampler.method, steps=sampler.steps, cfg_scale=sampler.cfg_scale,
-                               cfg_interval=sampler.cfg_interval, null_class=pipeline.net.null_class,
+                               cfg_interval=sampler.cfg_interval, null_class=pipeline.null_class,
                                dtype=sampler.state_dtype)
         except (MemoryError, RuntimeError) as error:
             if not _is_out_of_memory(error):
@@ -79,6 +84,16 @@ def generate(pipeline: Pipeline, requests: Sequence[ImageRequest], sampler: Samp
         _check_finite(x_ND, pack, sampler)
         hw = torch.tensor([list(r.hw) for r in pack])
         yield ImageBatch([by_index[r.index] for r in pack], pipeline.decode(x_ND, hw))
+
+
+def _check_conditions(pipeline: Pipeline, requests: Sequence[ImageRequest]) -> None:
+    """A NiT-T2I pipeline needs a prompt per request; a class-conditional one takes none."""
+    prompted = sum(r.prompt is not None for r in requests)
+    if pipeline.conditioning == "text" and prompted != len(requests):
+        raise ValueError(f"{len(requests) - prompted} of {len(requests)} image requests have no prompt: this checkpoint "
+                         "is text-to-image (NiT-T2I); sample it with --prompts FILE")
+    if pipeline.conditioning == "class" and prompted:
+        raise ValueError("this checkpoint is class-conditional (NiT): it takes class labels, not prompts")
 
 
 class SamplingOutOfMemory(MemoryError):

@@ -1,7 +1,8 @@
 """A pipeline = a network ready to sample + the codec that decodes its latents + where they came from.
 
 `load_pipeline` reads a Lightning checkpoint (EMA weights by default) or official safetensors; `Pipeline.model_fn`
-is the packed model_fn the samplers call; `Pipeline.decode` turns packed tokens into uint8 images.
+is the packed model_fn the samplers call; `Pipeline.decode` turns packed tokens into uint8 images. A NiT-T2I
+checkpoint (conditioning "text") also brings its frozen text encoder: `Pipeline.encode_prompts`.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from typing import Any
 import torch
 
 from nit_lightning.data.codecs import Codec, check_same_codec, resolve_codec
+from nit_lightning.data.text_encoders import TextEncoder, text_encoder_from_description
 from nit_lightning.generation.settings import PRECISIONS
-from nit_lightning.models import NiT, NiTConfig, load_official_checkpoint
+from nit_lightning.models import NiT, NiTConfig, NiTT2I, NiTT2IConfig, load_official_checkpoint
 from nit_lightning.models.official import config_from_official
 from nit_lightning.models.patching import unpack_latents
+from nit_lightning.models.text import PackedText
 from nit_lightning.records.checkpoint import CheckpointMeta, ema_weights
 from nit_lightning.records.names import DTYPES, WEIGHTS_DOCS, check_dtype_name
 
@@ -30,15 +33,38 @@ log = logging.getLogger(__name__)
 class Pipeline:
     """A network ready to sample (eval, no grad), the codec that decodes its latents, and where they came from."""
 
-    net: NiT
+    net: NiT | NiTT2I
     codec: Codec
     meta: dict[str, Any] = field(default_factory=dict)  # how it was loaded: source, weights, weights_sha256, codec
     record: CheckpointMeta | None = None  # what the checkpoint says about itself; a net built in memory: derived
+    text_encoder: TextEncoder | None = None  # NiT-T2I: the frozen encoder of the prompts
 
     def __post_init__(self) -> None:
+        text = isinstance(self.net, NiTT2I)
+        if text and self.text_encoder is None:
+            raise ValueError("a NiT-T2I pipeline needs the text encoder it was trained with")
         if self.record is None:
             self.record = CheckpointMeta(net_config=dataclasses.asdict(self.net.config), codec=self.codec.describe(),
-                                         patch_size=int(self.net.config.patch_size))
+                                         patch_size=int(self.net.config.patch_size),
+                                         conditioning="text" if text else "class",
+                                         text_encoder=self.text_encoder.describe() if text else None)
+
+    @property
+    def conditioning(self) -> str:
+        """"class" (labels) or "text" (prompts)."""
+        return "text" if isinstance(self.net, NiTT2I) else "class"
+
+    @property
+    def null_class(self) -> int | None:
+        return getattr(self.net, "null_class", None)
+
+    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> PackedText:
+        """The caption tokens of `prompts` (in order) from the frozen text encoder, on `device`."""
+        if self.text_encoder is None:
+            raise ValueError("this checkpoint is class-conditional (NiT): it takes class labels, not prompts")
+        with torch.no_grad():
+            packed = self.text_encoder.encode(list(prompts)).packed()
+        return packed.to(device if device is not None else next(self.net.parameters()).device)
 
     @property
     def size_multiple(self) -> int:
@@ -92,27 +118,33 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class NetModelFn:
-    """model_fn(x, t, y, hw) over a NiT: reuses PackedMeta (RoPE tables, cu_seqlens) per hw tensor, optional autocast.
+    """model_fn(x, t, y, hw) over a NiT or NiT-T2I: reuses the packed metadata (RoPE tables, cu_seqlens, caption
+    offsets) per hw tensor (and caption object), optional autocast.
 
-    The cache is keyed by the identity of `hw` (the sampler passes the same hw / doubled-hw objects every step), so
-    no host read of hw happens per step; use one NetModelFn per pack.
+    The cache is keyed by the identity of `hw` and of a PackedText condition (the sampler passes the same objects
+    every step, and the doubled ones under CFG), so no host read happens per step; use one NetModelFn per pack.
     """
 
-    def __init__(self, net: NiT, precision: str = "float32", rope_interp_scale: float | None = None) -> None:
+    def __init__(self, net: NiT | NiTT2I, precision: str = "float32", rope_interp_scale: float | None = None) -> None:
         check_dtype_name(precision, PRECISIONS, "precision")
         self.net, self.precision, self.rope_interp_scale = net, precision, rope_interp_scale
-        self._cache: list[tuple[torch.Tensor, int, Any]] = []  # (hw, N, PackedMeta); at most 2 live: cond and CFG
+        self._cache: list[tuple[torch.Tensor, int, Any, Any]] = []  # (hw, N, text, meta); 2 live: cond and CFG
 
-    def _meta(self, hw: torch.Tensor, num_tokens: int) -> Any:
-        for known, n, meta in self._cache:
-            if known is hw and n == num_tokens:
+    def _meta(self, hw: torch.Tensor, num_tokens: int, y: Any = None) -> Any:
+        text = y if isinstance(y, PackedText) else None
+        for known, n, known_text, meta in self._cache:
+            if known is hw and n == num_tokens and known_text is text:
                 return meta
-        meta = self.net.build_meta(hw, num_tokens, rope_interp_scale=self.rope_interp_scale)
-        self._cache = self._cache[-3:] + [(hw, num_tokens, meta)]
+        if text is None:
+            meta = self.net.build_meta(hw, num_tokens, rope_interp_scale=self.rope_interp_scale)
+        else:
+            meta = self.net.build_meta(hw, num_tokens, text.lengths, text.tokens.shape[0],
+                                       rope_interp_scale=self.rope_interp_scale)
+        self._cache = self._cache[-3:] + [(hw, num_tokens, text, meta)]
         return meta
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
-        meta = self._meta(hw, x.shape[0])
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | PackedText, hw: torch.Tensor) -> torch.Tensor:
+        meta = self._meta(hw, x.shape[0], y)
         ctx = (
             torch.autocast(x.device.type, dtype=DTYPES[self.precision])
             if self.precision != "float32" else contextlib.nullcontext()
@@ -128,7 +160,8 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str
     return kept, others
 
 
-def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple[NiT, CheckpointMeta, dict[str, Any]]:
+def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None
+                    ) -> tuple[NiT | NiTT2I, CheckpointMeta, dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses pickled objects: say so instead of unpickling arbitrary code
@@ -137,7 +170,8 @@ def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple
             "Checkpoints must hold only tensors and plain Python values"
         ) from error
     record = CheckpointMeta.from_checkpoint(ckpt if isinstance(ckpt, dict) else {}, path)
-    net = NiT(net_config_of(record, rope_layout, path))
+    config = net_config_of(record, rope_layout, path)
+    net = NiTT2I(config) if record.conditioning == "text" else NiT(config)
     ema = ema_weights(ckpt)
     if use_ema and ema is not None:
         state, weights, ignored = ema, "ema (checkpoint['ema_state_dict'])", []
@@ -156,17 +190,18 @@ def _load_lightning(path: Path, use_ema: bool, rope_layout: str | None) -> tuple
     return net, record, loaded
 
 
-def net_config_of(record: CheckpointMeta, rope_layout: str | None, path: Path) -> NiTConfig:
+def net_config_of(record: CheckpointMeta, rope_layout: str | None, path: Path) -> NiTConfig | NiTT2IConfig:
     """The recorded network config (with a rope_layout override, said aloud); an unknown key is one clear error."""
+    kind = NiTT2IConfig if record.conditioning == "text" else NiTConfig
     config = dict(record.net_config)
     if rope_layout is not None and rope_layout != config.get("rope_layout"):
         log.warning("rope_layout %r overrides the checkpoint's %r", rope_layout, config.get("rope_layout"))
         config["rope_layout"] = rope_layout
-    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(NiTConfig)})
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(kind)})
     if unknown:
         raise ValueError(f"{path}: the recorded network config has keys this code does not know: {unknown}; it was "
                          "written by another nit-lightning version")
-    return NiTConfig(**config)
+    return kind(**config)
 
 
 def _load_official(path: Path, rope_layout: str | None) -> tuple[NiT, CheckpointMeta, dict[str, Any]]:
@@ -216,6 +251,18 @@ def load_pipeline(
         )
     if codec is not None:
         check_same_codec(the_codec, record.codec, str(path))
+    text_encoder = _text_encoder_of(record, path, device)
     net = net.to(device).eval().requires_grad_(False)
     loaded.update(codec=the_codec.describe(), codec_from=codec_from, weights_sha256=weights_digest(net))
-    return Pipeline(net=net, codec=the_codec, record=record, meta=loaded)
+    if text_encoder is not None:
+        loaded["text_encoder"] = text_encoder.describe()
+    return Pipeline(net=net, codec=the_codec, record=record, meta=loaded, text_encoder=text_encoder)
+
+
+def _text_encoder_of(record: CheckpointMeta, path: Path, device: str | torch.device) -> TextEncoder | None:
+    """NiT-T2I: the text encoder the checkpoint records (located beside a moved run folder, sha256 checked)."""
+    if record.conditioning != "text":
+        return None
+    if record.text_encoder is None:
+        raise ValueError(f"{path} is a NiT-T2I checkpoint but records no text encoder (nit_meta['text_encoder'])")
+    return text_encoder_from_description(record.text_encoder, device=device)

@@ -71,6 +71,9 @@ def run_sample(run: SampleRun, pipeline: Pipeline | None = None) -> dict[str, Pa
     with folder_lock(run.out, "sample", enabled=ranks.is_main):
         pipe = pipeline or load_pipeline(run.ckpt, use_ema=run.use_ema, rope_layout=run.rope_layout, device=device,
                                          codec=run.codec)
+        if pipe.conditioning == "text":
+            raise ValueError(f"{run.ckpt} is a text-to-image (NiT-T2I) checkpoint: sample it with --prompts FILE "
+                             "(one prompt per line, or JSONL with prompt, height, width, seed)")
         settings, num = resolve_run(run, pipe)
         out: dict[str, Path] = {}
         for setting in settings:

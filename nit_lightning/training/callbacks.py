@@ -27,11 +27,13 @@ def detect_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def train_step_flops(config: Any, seqlens: torch.Tensor, with_projector: bool = False) -> float:
-    """FLOPs of forward + backward of the net over images with these token counts (models/flops.py)."""
+def train_step_flops(config: Any, seqlens: torch.Tensor, with_projector: bool = False,
+                     text_lengths: torch.Tensor | None = None) -> float:
+    """FLOPs of forward + backward of the net over images with these token counts (and, for NiT-T2I, caption
+    lengths) (models/flops.py)."""
     from nit_lightning.models.flops import training_flops
 
-    return float(training_flops(config, seqlens, with_projector=with_projector))
+    return float(training_flops(config, seqlens, with_projector=with_projector, text_lengths=text_lengths))
 
 
 class ThroughputMonitor(Callback):
@@ -55,6 +57,7 @@ class ThroughputMonitor(Callback):
         self._t0: float | None = None
         self._tokens = self._images = self._steps = 0
         self._seqlens: list[torch.Tensor] = []  # stays on device until the window's sync: no per-step host sync
+        self._text_lengths: list[torch.Tensor] = []  # NiT-T2I: caption tokens per image as trained (0 = dropped)
 
     @property
     def state_key(self) -> str:
@@ -89,6 +92,9 @@ class ThroughputMonitor(Callback):
         self._steps += 1
         if self.peak_flops:
             self._seqlens.append(batch.seqlens.detach())
+            text = getattr(pl_module, "last_text_lengths", None)
+            if text is not None:
+                self._text_lengths.append(text.detach())
         if self._steps < self.window:
             return
         if pl_module.device.type == "cuda":
@@ -107,7 +113,9 @@ class ThroughputMonitor(Callback):
         if self.peak_flops:
             # FLOPs add up over images, so the window's packs count as one long pack; per rank ÷ per-GPU peak.
             repa = getattr(getattr(pl_module, "loss_fn", None), "repa_weight", 0.0) > 0
-            flops = train_step_flops(pl_module.net.config, torch.cat(self._seqlens).cpu(), with_projector=repa)
+            text = torch.cat(self._text_lengths).cpu() if self._text_lengths else None
+            flops = train_step_flops(pl_module.net.config, torch.cat(self._seqlens).cpu(), with_projector=repa,
+                                     text_lengths=text)
             metrics["perf/mfu"] = flops / seconds / self.peak_flops
         if pl_module.device.type == "cuda":
             metrics["perf/gpu_mem_alloc_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 # Block after which REPA aligns hidden states, per preset (SPEC §3: S/B 4, L 6, XL/XXL 8).
-REPA_LAYER_BY_PRESET = {"NiT-S": 4, "NiT-B": 4, "NiT-L": 6, "NiT-XL": 8, "NiT-XXL": 8}
+REPA_LAYER_BY_PRESET = {"NiT-S": 4, "NiT-B": 4, "NiT-L": 6, "NiT-XL": 8, "NiT-XXL": 8, "NiT-T2I": 8}  # T2I: XL-sized
 
 
 def repa_layer_for(net: torch.nn.Module, preset: str, weight: float, layer: int | None) -> int | None:

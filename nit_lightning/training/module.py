@@ -1,4 +1,5 @@
-"""`NiTModule`: the LightningModule that trains a NiT with flow matching on packed batches (SPEC §3, §6)."""
+"""`NiTModule`: the LightningModule that trains a NiT (class labels) or a NiT-T2I (captions) with flow matching on
+packed batches (SPEC §3, §6, §10): one training step for both conditionings."""
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,7 @@ from nit_lightning.training.compile import compile_net, resolve_compile_mode
 from nit_lightning.training.encoders import repa_layer_for
 from nit_lightning.training.nonfinite import NonFinitePolicy
 from nit_lightning.training.optim import adamw_with_schedule, clip_unscaled_gradients
+from nit_lightning.training.text_condition import text_conditioner_for
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +29,22 @@ def step_seed(seed: int, rank: int, step: int, micro: int = 0, stream: str = "tr
 
 
 class NiTModule(LightningModule):
-    """Flow-matching training of the NiT built from `net` = {"name": preset, **NiTConfig overrides} by `build_nit`.
+    """Flow-matching training of the NiT built from `net` = {"name": preset, **NiTConfig overrides} by `build_nit`, or
+    of the NiT-T2I built by `build_nit_t2i` when the preset is a T2I one (NiT-T2I, NiT-T2I-debug).
 
     Args:
-        net: the network's config: `{"name": "NiT-B"}` plus any NiTConfig field (depth, hidden_size, in_channels, ...).
+        net: the network's config: `{"name": "NiT-B"}` plus any NiTConfig field (depth, hidden_size, in_channels, ...);
+            for NiT-T2I any NiTT2IConfig field (text_dim is filled in from the text encoder).
+        text_encoder: NiT-T2I only: the frozen encoder of the captions, `hf:PATH` (a local transformers folder, e.g.
+            Gemma3-1B-it) or `tinytext:PATH` (data/tinytext.py); its description goes into every checkpoint.
         latent_channels: channels of the data's latents; linked from the datamodule by the CLI and checked against
             (or filling in) `net["in_channels"]`.
         P_mean, P_std, direction_weight, reduction: FlowMatchingLoss settings (SPEC §3).
         on_nonfinite: "raise" (default) stops with the step and batch keys on a NaN/Inf loss; "skip" skips the
             optimiser step loudly and counts it (single process only), until more than max_skipped_steps_fraction
             of trainer.max_steps were skipped: then the run stops (training/nonfinite.py).
-        label_dropout: probability of replacing a label by the null class in the training step (CFG training).
+        label_dropout: probability of replacing a label by the null class, or a caption by the null caption (length
+            0), in the training step (CFG training).
         lr, betas, weight_decay, eps: AdamW (SPEC §6); never scaled by the GPU count.
         warmup_steps: optional linear warm-up of the lr over that many optimiser steps, constant after.
         compile: "none" | "blocks" (each block in place) | "model" (all blocks and the final layer as one graph, see
@@ -84,10 +91,11 @@ class NiTModule(LightningModule):
         init_from: str | None = None,
         seed: int = 0,
         sampler: dict[str, Any] | None = None,
+        text_encoder: str | None = None,
     ):
         super().__init__()
         from nit_lightning.diffusion.flow import FlowMatchingLoss
-        from nit_lightning.models import build_nit
+        from nit_lightning.models import T2I_PRESETS, build_nit, build_nit_t2i
 
         self.save_hyperparameters()
         net = dict(net)
@@ -115,7 +123,8 @@ class NiTModule(LightningModule):
         if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
                              f"{lr_schedule!r}, {lr_min_ratio}")
-        self.net = build_nit(net.pop("name"), **net)
+        self.text = text_conditioner_for(net, text_encoder, T2I_PRESETS)
+        self.net = (build_nit_t2i if self.text is not None else build_nit)(net.pop("name"), **net)
 
         self.repa_encoder_path = repa_encoder
         self._repa_encoder = None
@@ -207,6 +216,19 @@ class NiTModule(LightningModule):
         drop = torch.rand(y.shape, generator=generator, device=y.device) < p
         return torch.where(drop, torch.full_like(y, self.net.null_class), y)
 
+    def _condition(self, batch: PackedBatch, generator: torch.Generator | None, where: str) -> Any:
+        """What the net is conditioned on: labels (NiT) or caption tokens (NiT-T2I); dropped for CFG when a generator
+        is given (training), whole otherwise (validation, test, predict)."""
+        if self.text is None:
+            return batch.y if generator is None else self._drop_labels(batch.y, generator)
+        p = float(self.hparams.label_dropout)
+        drop = None
+        if generator is not None and p > 0.0:  # the same draw as for labels: one uniform per image
+            drop = torch.rand(batch.y.shape, generator=generator, device=batch.y.device) < p
+        text = self.text.condition(batch.captions, drop, self.device, where=where)
+        self.last_text_lengths = text.lengths  # caption tokens as trained: ThroughputMonitor counts their FLOPs
+        return text
+
     def _repa_features(self, batch: PackedBatch) -> torch.Tensor | None:
         if self.loss_fn.repa_weight <= 0:
             return None
@@ -230,7 +252,7 @@ class NiTModule(LightningModule):
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor | None:
         accumulate = max(1, int(getattr(self._trainer, "accumulate_grad_batches", 1) or 1))
         generator = self._generator(self.global_step, batch_idx % accumulate, "train")
-        y = self._drop_labels(batch.y, generator)
+        y = self._condition(batch, generator, where=f"training step {self.global_step}")
         out = self._loss(batch, y, generator)
         loss = out.loss
         if not bool(torch.isfinite(loss)):  # the one host sync of the step: needed to raise or skip before backward
@@ -249,13 +271,13 @@ class NiTModule(LightningModule):
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         # Fixed noise per (rank, batch): validation losses of different epochs are comparable. No label dropout.
         generator = self._generator(0, batch_idx, "val")
-        out = self._loss(batch, batch.y, generator)
+        out = self._loss(batch, self._condition(batch, None, "validation"), generator)
         self.log("loss/val", out.loss, prog_bar=True, sync_dist=True, batch_size=batch.num_images)
         return out.loss
 
     def test_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         """The flow-matching loss on the test split (`--data.test_sources`), with fixed noise like validation."""
-        out = self._loss(batch, batch.y, self._generator(0, batch_idx, "test"))
+        out = self._loss(batch, self._condition(batch, None, "test"), self._generator(0, batch_idx, "test"))
         self.log("test/loss", out.loss, sync_dist=True, batch_size=batch.num_images)
         for name, value in out.parts.items():
             if name != "nonfinite":
@@ -264,7 +286,7 @@ class NiTModule(LightningModule):
 
     def predict_step(self, batch: PackedBatch, batch_idx: int) -> dict[str, Any]:
         """Per-image loss at a fixed (seeded) noise level: finds the samples the model fits worst (data audits)."""
-        out = self._loss(batch, batch.y, self._generator(0, batch_idx, "predict"))
+        out = self._loss(batch, self._condition(batch, None, "predict"), self._generator(0, batch_idx, "predict"))
         return {"keys": list(batch.keys), "y": batch.y.cpu(), "hw": batch.hw.cpu(), "t": out.t.detach().cpu(),
                 "loss": out.per_image.cpu()}
 
@@ -290,6 +312,8 @@ class NiTModule(LightningModule):
             step=int(self._trainer.global_step) if self._trainer is not None else None,
             skipped_steps=int(self.skipped_steps),
             sampling=self.sampling_recipe().as_dict(),
+            conditioning="text" if self.text is not None else "class",
+            text_encoder=self.text.describe() if self.text is not None else None,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

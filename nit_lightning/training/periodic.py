@@ -65,7 +65,8 @@ class SamplingCallback(EveryNStepsCallback):
         net.eval()
         try:
             with self._ema_weights(trainer, pl_module):
-                yield Pipeline(net=net, codec=self.codec(trainer))
+                text = getattr(pl_module, "text", None)  # NiT-T2I: the module's frozen text encoder
+                yield Pipeline(net=net, codec=self.codec(trainer), text_encoder=text.encoder if text else None)
         finally:
             net.train(was_training)
 

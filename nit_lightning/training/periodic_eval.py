@@ -57,6 +57,9 @@ class EvaluationCallback(SamplingCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Fail before training when a reference batch is missing."""
+        if getattr(pl_module, "text", None) is not None:
+            raise ValueError("EvaluationCallback samples class-balanced sets (NiT); a NiT-T2I run is evaluated from "
+                             "prompts: `make eval-t2i` (docs/t2i.md), and shows prompt grids with SampleGridCallback")
         missing = [str(self.ref_dir / f"{s.name}.npz") for s in self.settings
                    if not (self.ref_dir / f"{s.name}.npz").is_file()]
         if missing:

@@ -5,6 +5,7 @@ A resumed `fit` continues the run that wrote the checkpoint. So, before training
   hyper-parameter must match the config, else `fit` refuses naming the keys: Lightning would otherwise silently train
   the checkpoint's model (its hparams override `--model.*` for an explicit --ckpt_path) or keep its optimiser's lr;
 - run settings (compile, activation checkpointing, on_nonfinite, local paths) may change: the config's value is used;
+- NiT-T2I: the text encoder may be found at another path, but must be the same one (sha256 of its files);
 - other data than the checkpoint was trained on (`nit_meta["data"]`, the datamodule's `provenance()`) is a loud warning,
   and so is a checkpoint already at `trainer.max_steps` (the run is finished: fit trains 0 steps).
 """
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 # NiTModule init args that change how a run executes, not what it learns: the config's value wins on resume.
 # `sampler` is advice recorded for sampling (CheckpointMeta.sampling): it may change without changing what is learnt.
 RUN_SETTINGS = frozenset({"compile_blocks", "activation_checkpointing", "on_nonfinite", "init_from", "repa_encoder",
-                          "sampler"})
+                          "sampler", "text_encoder"})  # text_encoder: a path; its content is compared by sha256
 # Compared through nit_meta's resolved net_config (net) or filled in from the data (latent_channels); Lightning's own.
 NOT_HPARAMS = frozenset({"net", "latent_channels", "_instantiator", "_class_path"})
 NET_RUNTIME = frozenset({"attn_backend"})  # the same maths by another kernel
@@ -54,6 +55,18 @@ def saved_hparams(path: str | Path) -> dict[str, Any]:
     return dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
 
 
+def _encoder_difference(meta: CheckpointMeta | None, model: LightningModule) -> str:
+    """'' when the checkpoint's text encoder is the config's (or neither has one), else what differs."""
+    text = getattr(model, "text", None)
+    saved = (meta.text_encoder or {}) if meta is not None else {}
+    now = text.describe() if text is not None else {}
+    if saved.get("sha256") == now.get("sha256"):
+        return ""
+    return (f"model.text_encoder: checkpoint {saved.get('type')}:{saved.get('path')} (sha256 "
+            f"{str(saved.get('sha256'))[:12]}…), config {now.get('type')}:{now.get('path')} (sha256 "
+            f"{str(now.get('sha256'))[:12]}…)")
+
+
 def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[str, Any] | None,
                  max_steps: int = -1) -> None:
     """Refuse (SettingsMismatch naming the keys) a checkpoint of another network or model settings; warn on other data
@@ -70,8 +83,9 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[st
     else:  # not a NiT checkpoint of ours: the raw `net` dicts are all there is
         net = differences(saved_hparams, dict(model.hparams), skip=frozenset(saved_hparams) - {"net"})
     hparams = differences(saved_hparams, dict(model.hparams), skip=NOT_HPARAMS | RUN_SETTINGS)
-    if net or hparams:
-        what = "; ".join(filter(None, [describe(net, "model.net."), describe(hparams, "model.")]))
+    encoder = _encoder_difference(meta, model)
+    if net or hparams or encoder:
+        what = "; ".join(filter(None, [describe(net, "model.net."), describe(hparams, "model."), encoder]))
         raise records.SettingsMismatch(
             f"checkpoint {ckpt_path} (step {step}) was trained with other settings than this config: {what}. A resume "
             "continues that run as it was: drop or fix those overrides, or start a new run in another checkpoint "

@@ -3,7 +3,8 @@
 By default the sizes show what NiT is about: seen sizes and unseen ones (larger, other aspect ratios) derived from the
 training data's token range, sampled with the module's recommended sampler and RoPE interpolation beyond the trained
 range, exactly as `sample` would sample the checkpoint (generation/recipe.py). TensorBoard tags are
-`samples/seen/<HxW>` and `samples/unseen/<HxW>` (`samples/<HxW>` when the range is unknown).
+`samples/seen/<HxW>` and `samples/unseen/<HxW>` (`samples/<HxW>` when the range is unknown). For NiT-T2I the columns
+are prompts (`prompts`) and every grid is labelled with them (generation/grid.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from nit_lightning.data.codecs import Codec
 from nit_lightning.data.sizes import format_size, parse_size, validate_size
 from nit_lightning.diffusion.sampling import derive_seed
+from nit_lightning.generation.grid import labelled_grid
 from nit_lightning.generation.images import ImageRequest, generate
 from nit_lightning.generation.recipe import default_grid_sizes, resolve_sampler, size_kind
 from nit_lightning.generation.settings import SamplerSettings
@@ -24,6 +26,9 @@ from nit_lightning.records import SamplingRecipe
 from nit_lightning.training.periodic import SamplingCallback
 
 log = logging.getLogger(__name__)
+# NiT-T2I grids when the config names no prompts: everyday scenes (a tinytext encoder counts unknown words loudly).
+DEFAULT_PROMPTS = ("a photo of a cat sitting on a sofa", "a red bus on a city street at night",
+                   "a bowl of fruit on a wooden table", "a mountain lake under a cloudy sky")
 
 
 def make_grid(images: Sequence[torch.Tensor], nrow: int, padding: int = 2) -> torch.Tensor:
@@ -36,6 +41,14 @@ def make_grid(images: Sequence[torch.Tensor], nrow: int, padding: int = 2) -> to
         top, left = padding + r * (h + padding), padding + c * (w + padding)
         grid[:, top : top + h, left : left + w] = image
     return grid
+
+
+def _labelled(name: str, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+    """A uint8 (3, H, W) grid of one row, every image under its prompt."""
+    import numpy as np
+
+    picture = labelled_grid([(name, [image.permute(1, 2, 0).numpy() for image in images])], list(prompts))
+    return torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 class SampleGridCallback(SamplingCallback):
@@ -59,12 +72,16 @@ class SampleGridCallback(SamplingCallback):
         nrow: int | None = None,
         save_dir: str | None = None,
         at_train_end: bool = True,
+        prompts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps, at_train_end, codec)
         if not classes:
             raise ValueError("classes must list at least one class label (one image per class in every grid)")
         self.sizes = [parse_size(s) for s in sizes] if sizes is not None else None
         self.classes = [int(c) for c in classes]
+        self.prompts = [str(p) for p in prompts] if prompts is not None else None
+        if self.prompts is not None and (not self.prompts or not all(p.strip() for p in self.prompts)):
+            raise ValueError(f"prompts must be non-empty strings, got {prompts!r}")
         self.seed, self.sampler, self.tokens_per_forward = int(seed), sampler, int(tokens_per_forward)
         self.nrow = int(nrow) if nrow else min(len(self.classes), 8)
         self.save_dir = Path(save_dir) if save_dir else None
@@ -81,7 +98,8 @@ class SampleGridCallback(SamplingCallback):
         multiple = self.codec(trainer).factor * int(pl_module.net.config.patch_size)
         for size in sizes:
             validate_size(size, multiple)
-        if max(self.classes) >= pl_module.net.config.num_classes or min(self.classes) < 0:
+        if getattr(pl_module, "text", None) is None and (max(self.classes) >= pl_module.net.config.num_classes
+                                                          or min(self.classes) < 0):
             raise ValueError(f"grid classes {self.classes} must lie in 0..{pl_module.net.config.num_classes - 1}")
         log.info("sample grids at %s with %s", ", ".join(self._tag(size, multiple, recipe) for size in sizes),
                  sampler.describe())
@@ -108,16 +126,28 @@ class SampleGridCallback(SamplingCallback):
     @torch.no_grad()
     def generate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """{"HxW": uint8 grid (3, H', W')}; all sizes share packs, so one set of packed calls makes every grid."""
-        n = len(self.classes)
         sizes, sampler, _ = self.plan(trainer, pl_module)
-        requests = [ImageRequest(s * n + j, size, label, derive_seed(self.seed, j))
-                    for s, size in enumerate(sizes) for j, label in enumerate(self.classes)]
+        prompts = self._prompts(pl_module)
+        columns = prompts if prompts is not None else self.classes
+        n = len(columns)
+        requests = [ImageRequest(s * n + j, size, 0 if prompts else label, derive_seed(self.seed, j),
+                                 prompt=label if prompts else None)
+                    for s, size in enumerate(sizes) for j, label in enumerate(columns)]
         images: dict[int, torch.Tensor] = {}
         with self.pipeline(trainer, pl_module) as pipe:
             for batch in generate(pipe, requests, sampler, tokens_per_forward=self.tokens_per_forward):
                 images.update({r.index: image for r, image in zip(batch.requests, batch.images)})
+        if prompts is not None:  # one row of the size, each image under its prompt
+            return {format_size(size): _labelled(format_size(size), [images[s * n + j] for j in range(n)], prompts)
+                    for s, size in enumerate(sizes)}
         return {format_size(size): make_grid([images[s * n + j] for j in range(n)], self.nrow)
                 for s, size in enumerate(sizes)}
+
+    def _prompts(self, pl_module: LightningModule) -> list[str] | None:
+        """The grid's prompts for a NiT-T2I module (the configured ones, else DEFAULT_PROMPTS); None for NiT."""
+        if getattr(pl_module, "text", None) is None:
+            return None
+        return self.prompts if self.prompts is not None else list(DEFAULT_PROMPTS)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = self._last_step = trainer.global_step
