@@ -9,40 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.clip import MAX_POSITIONS, clip_folder
 from nit_lightning.evaluation.clip_score import ClipScorer, score_sample_folder
 from nit_lightning.evaluation.sample_prompts import read_sample_prompts
 
 transformers = pytest.importorskip("transformers")
-
-WORDS = "a an red blue green orange small triangle ring disc cat on the table".split()
-MAX_POSITIONS = 8  # CLIP's text limit in this tiny model (OpenAI's: 77): <bos> + 6 words + <eos>
-
-
-def clip_folder(root):
-    """A tiny random CLIPModel + a word-level tokenizer (<bos> words <eos>) + CLIPImageProcessor, as a hub folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|unk|>", pad_token="<|pad|>",
-                                                     bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=MAX_POSITIONS, bos_token_id=2, eos_token_id=3,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(config)
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    folder = root / "clip"
-    model.save_pretrained(folder)
-    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
