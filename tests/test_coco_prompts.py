@@ -119,3 +119,30 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["coco-prompts", "--captions", str(captions), "--num", "3", *out])
     assert "--num is now spelled --num-samples" in capsys.readouterr().err
+
+
+def test_make_eval_t2i_chains_the_commands_with_flags_they_accept(tmp_path):
+    """`make -n eval-t2i`: coco-prompts -> sample --prompts -> reference build -> evaluate --clip-model, in that order;
+    every command but sample (another branch's) parses its line."""
+    import shlex
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from nit_lightning.cli import coco_prompts, evaluate, reference
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(["make", "-n", "-s", "eval-t2i", "STAMP=", "CKPT=t2i.ckpt", "COCO_CAPTIONS=cap.json",
+                          "COCO_IMAGES=val2014", "CLIP=clip-vit-l14", f"OUT={tmp_path}", "N=100", "SIZE=512"],
+                         cwd=repo, capture_output=True, text=True, check=True)
+    lines = [shlex.split(line) for line in run.stdout.splitlines() if "-m nit_lightning" in line]
+    assert [line[3] for line in lines] == ["coco-prompts", "sample", "reference", "evaluate"]
+    prompts = coco_prompts.build_parser().parse_args(lines[0][4:])
+    assert (prompts.num_samples, prompts.size, prompts.real_dir) == (100, "512", f"{tmp_path}/real")
+    assert lines[1][4:8] == ["--ckpt", "t2i.ckpt", "--prompts", prompts.out]
+    ref = reference.build_parser().parse_args(lines[2][4:])
+    assert ref.images == prompts.real_dir and ref.size == "512"
+    ev = evaluate.build_parser().parse_args(lines[3][4:])
+    assert ev.ref == ref.out and ev.clip_model == "clip-vit-l14" and ev.samples == lines[1][lines[1].index("--out") + 1]
