@@ -44,6 +44,13 @@ def test_evaluate_adds_the_clip_score_and_records_the_clip_folder(setup, capsys)
     ref = tmp_path / "ref.npz"
     assert reference_cmd.main(["build", "--images", str(tmp_path / "real"), "--size", "16x24", "--out", str(ref),
                                "--features", features, "--subset", "8", "--device", "cpu"]) == 0
+    links = tmp_path / "links"  # a folder of links to real images (coco-prompts --real-dir) reads like the files
+    links.mkdir()
+    for image in sorted((tmp_path / "real").glob("*.jpg"))[:3]:
+        (links / image.name).symlink_to(image)
+    assert reference_cmd.main(["build", "--images", str(links), "--size", "16x24", "--out", str(tmp_path / "l.npz"),
+                               "--features", features, "--subset", "3", "--device", "cpu"]) == 0
+    assert "wrote" in capsys.readouterr().out and np.load(tmp_path / "l.npz")["arr_0"].shape == (3, 16, 24, 3)
     out = tmp_path / "res.json"
     assert evaluate_cmd.main(["--samples", str(tmp_path / "samples"), "--ref", str(ref), "--features", features,
                               "--clip-model", str(clip), "--batch-size", "4", "--device", "cpu",
