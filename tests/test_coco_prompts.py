@@ -98,7 +98,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     orphan.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "caption": "a"}]}))
     out = ["--out", str(tmp_path / "p.jsonl")]
     cases = {
-        "captions file '" + str(tmp_path / "absent.json") + "' not found": ["--captions", str(tmp_path / "absent.json")],
+        f"captions file '{tmp_path / 'absent.json'}' not found": ["--captions", str(tmp_path / "absent.json")],
         "not valid JSON": ["--captions", str(bad_json)],
         "no 'images' and 'annotations' lists": ["--captions", str(no_lists)],
         "images[0] is {\"id\": \"x\"}": ["--captions", str(bad_image)],

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1024", help="size every prompt asks for: HxW or one side (the paper: 1024)")
     p.add_argument("--sample-seed", type=int, default=0, help="the k-th prompt's sampling seed is this + k")
     p.add_argument("--out", required=True, help="the prompts JSONL; its provenance goes beside it as <out>.meta.json")
-    p.add_argument("--list", default=None, help="also write the chosen images' file names here, one a line (default: no list)")
+    p.add_argument("--list", default=None,
+                   help="also write the chosen images' file names here, one a line (default: no list)")
     p.add_argument("--images", default=None, help="COCO's val2014 image folder (with --real-dir; default: none)")
     p.add_argument("--real-dir", default=None,
                    help="make a folder of links to the chosen real images here, for `reference build --images` "

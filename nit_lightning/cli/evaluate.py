@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-size-mismatch", action="store_true",
                    help="evaluate samples whose size differs from the reference's")
     p.add_argument("--clip-model", default=None,
-                   help=f"a local transformers CLIP folder (e.g. openai/clip-vit-large-patch14 copied there): add the CLIP "
-                        f"score of a sample folder against its {PROMPTS_FILE} (default: no CLIP score)")
+                   help=f"a local transformers CLIP folder (e.g. openai/clip-vit-large-patch14 copied there): add "
+                        f"the CLIP score of a sample folder against its {PROMPTS_FILE} (default: no CLIP score)")
     return p
 
 

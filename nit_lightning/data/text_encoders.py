@@ -78,8 +78,8 @@ def check_hf_folder(path: Path, *, what: str = "text encoder", flag: str = "hf:P
                     example: str = "google/gemma-3-1b-it", extra: tuple[tuple[str, ...], ...] = ()) -> None:
     """One line naming what a transformers model folder lacks (`extra`: more files, one of each tuple, e.g. CLIP's
     image processor config); shared by every loader of local transformers folders (text encoders, CLIP score)."""
-    needs = ("a transformers model folder (config.json, tokenizer files, weights: *.safetensors or pytorch_model*.bin); "
-             "this suite never downloads: copy the model there first (e.g. `huggingface-cli download "
+    needs = ("a transformers model folder (config.json, tokenizer files, weights: *.safetensors or "
+             "pytorch_model*.bin); this suite never downloads: copy the model there first (e.g. `huggingface-cli download "
              f"{example} --local-dir DIR` on a machine with internet)")
     if not path.is_dir():
         raise FileNotFoundError(f"{what} folder {str(path)!r} not found; {flag} needs {needs}")

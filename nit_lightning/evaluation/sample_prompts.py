@@ -45,7 +45,8 @@ def read_sample_prompts(folder: str | Path) -> list[SamplePrompt]:
             raise ValueError(f"{path}:{number} is not JSON ({error.msg}); expected {{\"file\": ..., \"prompt\": ...}}"
                              ) from error
         if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{number} needs a string \"file\" and a string \"prompt\", got {line.strip()[:120]}")
+            raise ValueError(f"{path}:{number} needs a string \"file\" and a string \"prompt\", got "
+                             f"{line.strip()[:120]}")
         if row["file"] in seen:
             raise ValueError(f"{path}:{number} lists {row['file']!r} a second time")
         seen.add(row["file"])
