@@ -24,9 +24,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def _usage() -> str:
     lines = ["usage: python -m nit_lightning <command> [options]", "", "Lightning commands (LightningCLI):"]
-    lines += [f"  {name:<11} {name} with --config experiments/<name>.yaml" for name in LIGHTNING_COMMANDS]
+    lines += [f"  {name:<12} {name} with --config experiments/<name>.yaml" for name in LIGHTNING_COMMANDS]
     lines += ["", "Suite commands:"]
-    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `python -m nit_lightning <command> --help` for the options of one command."]
     return "\n".join(lines)
 
