@@ -40,6 +40,17 @@ def train_featurenet(data_dir: str | Path, out: str | Path, *, epochs: int = 10,
 
     input="gray-std" trains the shape classifier (see the module docstring)."""
     files, labels, classes = list_image_folder(data_dir)
+    return train_classifier(files, labels, classes, out, epochs=epochs, size=size, batch_size=batch_size, lr=lr,
+                            seed=seed, val_fraction=val_fraction, input=input)
+
+
+def train_classifier(files: Sequence[Path], labels: Sequence[int], classes: Sequence[str], out: str | Path, *,
+                     epochs: int = 10, size: int = 64, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                     val_fraction: float = 0.1, input: str = "rgb") -> dict:
+    """`train_featurenet` on given files and labels (indices into `classes`), e.g. a captioned set's shapes."""
+    files, classes = [Path(f) for f in files], list(classes)
+    if len(files) != len(labels) or not files:
+        raise ValueError(f"need one label per image and at least one image, got {len(files)} files, {len(labels)} labels")
     torch.manual_seed(seed)
     net = FeatureNet(FeatureNetConfig(num_classes=len(classes), size=size, input=input))
     start = time.time()
