@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= experiments/demo.yaml
 DEMO_OUT ?= demo_out
+DEMO_T2I_CONFIG ?= experiments/demo_t2i.yaml
+DEMO_T2I_OUT ?= demo_t2i_out
 # Sweep variables (make eval-res-sweep CKPT=... REF_DIR=... NUM=50000 OUT=...); without CKPT the sweeps run at demo
 # scale on the model `make demo` trained (demo-scale sweep files, the demo feature net, DEMO_OUT/sweeps/<name>/).
 CKPT ?=
@@ -34,7 +36,7 @@ THREADS ?=
 THREADS_FLAG := $(if $(THREADS),--threads $(THREADS))
 THREADS_ENV := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS))
 
-.PHONY: install test test-fast test-slurm demo demo-ablation bench gpu-check eval-res-sweep eval-ar-sweep eval-t2i \
+.PHONY: install test test-fast test-slurm demo demo-ablation demo-t2i bench gpu-check eval-res-sweep eval-ar-sweep eval-t2i \
 	clean
 
 install: $(STAMP)
@@ -67,6 +69,10 @@ demo: install
 
 demo-ablation: install
 	$(PY) -m nit_lightning demo --config $(DEMO_CONFIG) --out $(DEMO_OUT) --ablation $(THREADS_FLAG)
+
+# NiT-T2I on a CPU: does it draw the colour and shape a prompt names, also for held-out pairs and unseen sizes?
+demo-t2i: install
+	$(PY) -m nit_lightning demo --config $(DEMO_T2I_CONFIG) --out $(DEMO_T2I_OUT) $(THREADS_FLAG)
 
 bench: install
 	$(THREADS_ENV) $(PY) bench/attention.py $(THREADS_FLAG)
@@ -104,4 +110,4 @@ eval-t2i: install
 	$(PY) -m nit_lightning evaluate --samples $(T2I_OUT)/samples --ref $(T2I_OUT)/reference_$(SIZE).npz --features $(FEATURES) --clip-model $(CLIP) --out $(T2I_OUT)/results.json
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache
+	rm -rf $(DEMO_OUT) $(DEMO_T2I_OUT) .pytest_cache
