@@ -56,22 +56,6 @@ class T2IDemo(Demo):
     def manifest(self) -> dict[str, Any]:
         return read_json(self.images / "synth.json", "captioned set manifest")
 
-    def make_shards(self, mode: str, codec: str) -> Path:
-        from nit_lightning.data.prepare import PrepareSettings, run_prepare
-
-        out = self.shards / mode
-        with self.timer.step(f"2b-shards-{mode}", f"latent shards with captions ({codec}, {mode})") as info:
-            if (out / "index.json").is_file():
-                info["status"] = "reused"
-                return out
-            result = run_prepare(PrepareSettings(input=str(self.images / "train"), output=str(out), mode=mode,
-                                                 codec=codec, captions=str(self.images / "captions.jsonl"),
-                                                 **self.config["shards"]))
-            if result["failed"] or result["index"] is None:
-                raise RuntimeError(f"prepare {mode} into {out} left shards unfinished: {result['failed']}; rerun")
-            info.update(samples=result["index"]["num_samples"], skipped=result["index"]["counts"].get("skipped"))
-        return out
-
     def make_text_encoder(self) -> Path:
         """The tinytext encoder whose vocabulary is every word of the set's captions (held-out pairs use no new word)."""
         from nit_lightning.data.tinytext import TinyTextConfig, make_tiny_text_encoder, save_tiny_text_encoder
@@ -179,7 +163,7 @@ def run_t2i_demo(config: dict[str, Any], out: str | Path, *, threads: int | None
         print(f"nit-lightning T2I demo -> {demo.out.resolve()}", flush=True)
         demo.make_images()
         codec = demo.codec_spec()
-        shards = demo.make_shards("native", codec)
+        shards = demo.make_shards("native", codec, captions=str(demo.images / "captions.jsonl"))
         demo.make_text_encoder()
         shape = demo.make_shape_classifier()
         ckpt = demo.train(RUN, [shards], int(demo.config["seed"]))
