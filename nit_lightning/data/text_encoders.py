@@ -112,6 +112,15 @@ def hf_folder_sha256(folder: Path, extra: tuple[str, ...] = ()) -> str:
     return files_sha256(folder, names)
 
 
+def hf_max_length(config: Any, max_length: int | None, path: str) -> int:
+    """Tokens per prompt: `max_length`, else HF_DEFAULT_MAX_LENGTH, never more than the model's positions (shared with
+    the caption counter of data/caption_tokens.py, so that counted and encoded lengths agree)."""
+    limit = getattr(config, "max_position_embeddings", None) or HF_DEFAULT_MAX_LENGTH
+    if max_length is not None and max_length > limit:
+        raise ValueError(f"max_length {max_length} is more than text encoder {path!r} can read ({limit} positions)")
+    return int(max_length or min(HF_DEFAULT_MAX_LENGTH, limit))
+
+
 class HFTextEncoder(TextEncoder):
     """A local transformers model: last hidden states of the prompt's tokens (with the tokenizer's special tokens)."""
 
@@ -151,11 +160,7 @@ class HFTextEncoder(TextEncoder):
         self.model_type = str(getattr(config, "model_type", type(model).__name__))
         config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its text part
         self.dim = int(config.hidden_size)
-        limit = getattr(config, "max_position_embeddings", None) or HF_DEFAULT_MAX_LENGTH
-        if max_length is not None and max_length > limit:
-            raise ValueError(f"max_length {max_length} is more than text encoder {self.path!r} can read ({limit} "
-                             "positions)")
-        self.max_length = int(max_length or min(HF_DEFAULT_MAX_LENGTH, limit))
+        self.max_length = hf_max_length(config, max_length, self.path)
         # Right padding: a causal model numbers positions from the left, so left padding would shift every real token.
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:  # padded positions are masked out and dropped; any real token will do
