@@ -12,7 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("nit_lightning.cli.prepare", "encode an image folder into latent WebDataset shards"),
     "sample": ("nit_lightning.cli.sample", "generate images from a checkpoint (PNG + ADM npz)"),
     "reference": ("nit_lightning.cli.reference", "build or inspect ADM-format reference statistics"),
-    "evaluate": ("nit_lightning.cli.evaluate", "FID / sFID / IS / precision / recall of a sample set"),
+    "evaluate": ("nit_lightning.cli.evaluate", "FID / sFID / IS / precision / recall (+ CLIP score) of a sample set"),
+    "coco-prompts": ("nit_lightning.cli.coco_prompts", "COCO-2014 zero-shot prompts (+ the chosen real images)"),
     "sweep": ("nit_lightning.cli.sweep", "sample + evaluate a resolution or aspect-ratio sweep"),
     "featurenet": ("nit_lightning.cli.featurenet", "train the small demo feature network (Inception stand-in)"),
     "tinyae": ("nit_lightning.cli.tinyae", "train the tiny autoencoder of the tinyae:PATH codec"),
@@ -24,9 +25,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def _usage() -> str:
     lines = ["usage: python -m nit_lightning <command> [options]", "", "Lightning commands (LightningCLI):"]
-    lines += [f"  {name:<11} {name} with --config experiments/<name>.yaml" for name in LIGHTNING_COMMANDS]
+    lines += [f"  {name:<12} {name} with --config experiments/<name>.yaml" for name in LIGHTNING_COMMANDS]
     lines += ["", "Suite commands:"]
-    lines += [f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `python -m nit_lightning <command> --help` for the options of one command."]
     return "\n".join(lines)
 

@@ -123,3 +123,53 @@ def test_resuming_with_another_text_encoder_is_refused(captioned, tmp_path, monk
     args = t2i_args(captioned[0], tmp_path / "other.pt", 2, ["--ckpt_path", "last"])
     with pytest.raises(SettingsMismatch, match="model.text_encoder"):
         run_cli(args)
+
+
+SHARDED_YAML = """
+trainer:
+  callbacks:
+    - class_path: nit_lightning.training.strategies.ShardedEMA
+      init_args: {decay: 0.9}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpts, every_n_train_steps: 1, save_last: true, save_top_k: -1}
+"""
+
+
+@pytest.mark.slow
+def test_t2i_under_fsdp2_per_block_equals_plain_training(captioned, tmp_path, monkeypatch):
+    """NiTFSDP2Strategy's default block class is the net's own: NiT-T2I's blocks shard, and fp32 FSDP2 on one
+    process trains bitwise like no strategy (the frozen text encoder is not part of the module's parameters)."""
+    from nit_lightning.cli.lightning import run_cli
+
+    run(tmp_path / "plain", captioned, 2, monkeypatch)
+    workdir = tmp_path / "fsdp2"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    (workdir / "callbacks.yaml").write_text(SHARDED_YAML)
+    strategy = '{"class_path": "nit_lightning.training.strategies.NiTFSDP2Strategy", "init_args": {"param_dtype": "float32"}}'
+    cli = run_cli(t2i_args(*captioned, 2, ["--trainer.strategy", strategy]))
+    assert cli.trainer.strategy.num_groups == 2 + 1  # NiT-T2I-debug's two blocks and the net's root
+    a = torch.load(tmp_path / "plain/ckpts/last.ckpt", weights_only=False)
+    b = torch.load(workdir / "ckpts/last.ckpt", weights_only=False)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), key
+
+
+@pytest.mark.slow
+def test_t2i_ddp_two_cpu_processes(captioned, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_ddp import REPO
+
+    (tmp_path / "callbacks.yaml").write_text(CALLBACKS_YAML)
+    args = t2i_args(*captioned, 2, ["--trainer.devices", "2", "--trainer.strategy", "ddp"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), OMP_NUM_THREADS="1")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)  # left by an in-process run (FSDP2 above) whose port this process still holds
+    result = subprocess.run([sys.executable, "-m", "nit_lightning", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ckpt = torch.load(tmp_path / "ckpts/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["nit_meta"]["conditioning"] == "text"

@@ -13,6 +13,7 @@ from nit_lightning.data.codecs import CODEC_SPEC_HELP
 from nit_lightning.data.imageops import MODES_HELP
 from nit_lightning.data.prepare import PrepareSettings, reindex, run_prepare
 from nit_lightning.data.shards import ShardFormatError
+from nit_lightning.data.text_encoders import TEXT_ENCODER_SPEC_HELP
 
 log = logging.getLogger("prepare")
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-caption", default="skip", choices=MISSING_CAPTION,
                    help="an image without a caption (or an empty one): skip it, counted as 'no-caption' (default), "
                         "or keep it with the empty caption")
+    p.add_argument("--text-encoder", default=None, help="with --captions: count each caption's tokens with this "
+                   "encoder's tokenizer (the network is not run) into index.json, for data.caption_token_cost: "
+                   + TEXT_ENCODER_SPEC_HELP + ", as model.text_encoder (default: no counts)")
     p.add_argument("--flip", action="store_true", help="also store the latent of the horizontally mirrored image")
     p.add_argument("--samples-per-shard", type=int, default=1000, help="images per shard tar")
     p.add_argument("--num-workers", type=int, default=0,
@@ -66,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         input=args.input, output=args.output, mode=args.mode, codec=args.codec, codec_dtype=args.codec_dtype,
         labels=args.labels, flip=args.flip, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
         latent_dtype=args.latent_dtype, device=args.device, prefix=args.prefix, batch_size=args.batch_size, max_area=args.max_area,
-        captions=args.captions, missing_caption=args.missing_caption,
+        captions=args.captions, missing_caption=args.missing_caption, text_encoder=args.text_encoder,
     )
     start = time.perf_counter()
     result = run_prepare(settings)

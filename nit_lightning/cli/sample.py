@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--sweep", help="sweep file of per-size sampler settings (experiments/sweeps/*.yaml), taken as "
                                           "written (this or --sizes is required)")
     p.add_argument("--prompts", help="NiT-T2I: a prompts file, one prompt per line or JSONL with prompt and optional "
-                                     "height, width (pixels) and seed; OUT gets the PNGs and prompts.jsonl")
+                                     "height, width (pixels) and seed; OUT gets the PNGs and prompts.jsonl (default: none, class labels)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="images per size, exactly (default: one per class, at most 16: a grid to look at; the paper's "
                         "protocol: --num-samples 50000, or --sweep experiments/sweeps/resolution.yaml); with "

@@ -10,8 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from nit_lightning.data.listing import Listing, file_identity, is_image, sorted_files
-from nit_lightning.records.names import WEIGHTS_DOCS
+from nit_lightning.data.listing import Listing, file_identity, is_image, walk_input
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +77,7 @@ def list_captioned_images(input_dir: str | Path, captions: str, missing: str = "
     """Every image under input_dir with its caption (Listing.captions, in item order), class 0, no class names."""
     if missing not in MISSING_CAPTION:
         raise ValueError(f"--missing-caption {missing!r} must be one of {', '.join(MISSING_CAPTION)}")
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input {root} is not a directory (ImageNet's layout and recipe: {WEIGHTS_DOCS})")
-    loops: list[str] = []
-    files = sorted_files(root, loops)
-    skipped: list[dict[str, str]] = [{"source": rel, "reason": "symlink-loop", "detail": "a link to a folder that "
-                                      "contains it; its files are listed through the folder itself"} for rel in loops]
+    root, files, skipped = walk_input(input_dir)
     images = [p for p in files if is_image(p)]
     manifest: dict[str, tuple[str, int]] = {}
     if captions != BESIDE:

@@ -8,8 +8,9 @@ from typing import Any
 import lightning as L
 
 from nit_lightning import distributed
+from nit_lightning.data.caption_packing import apply_caption_cost, check_caption_token_cost
 from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
-from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader
+from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader, PredictPacks
 from nit_lightning.data.resume import continue_plan
 from nit_lightning.data.shards import content_fingerprint
 from nit_lightning.records import plain
@@ -35,6 +36,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         packs_per_epoch: int | None = None,
         test_sources: list[dict] | None = None,
         max_skipped_fraction: float = 0.01,
+        caption_token_cost: float = 0.0,  # a caption token's share of tokens_per_pack (data/caption_packing.py)
     ):
         super().__init__()
         if on_error not in ON_ERROR:
@@ -54,7 +56,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         self.tokens_per_pack, self.max_images_per_pack = tokens_per_pack, max_images_per_pack
         self.buffer_size, self.num_workers, self.seed = buffer_size, num_workers, seed
         self.flip_prob, self.patch_size, self.on_error = flip_prob, patch_size, on_error
-        self.packs_per_epoch = packs_per_epoch
+        self.packs_per_epoch, self.caption_token_cost = packs_per_epoch, check_caption_token_cost(caption_token_cost)
         self.max_skipped_fraction = float(max_skipped_fraction)  # of an epoch's planned samples, per rank and loader
         self._sources: dict[str, list[Source]] = {}
         self._plans: dict[str, EpochPlan] = {}
@@ -77,6 +79,8 @@ class NativeLatentDataModule(L.LightningDataModule):
             self._sources["val"] = load_sources(self.val_source_specs, self.patch_size)
         if self.test_source_specs:
             self._sources["test"] = load_sources(self.test_source_specs, self.patch_size)
+        for kind, group in self._sources.items():  # every split: an evaluation pack must fit the memory too
+            apply_caption_cost(group, self.caption_token_cost, kind)
         seen = {}
         for source in [s for group in self._sources.values() for s in group]:
             seen[str(source.path)] = (source.index.get("latent_channels"), source.index.get("codec"))
@@ -111,6 +115,7 @@ class NativeLatentDataModule(L.LightningDataModule):
             "buffer_size": self.buffer_size, "seed": self.seed, "flip_prob": self.flip_prob,
             "patch_size": self.patch_size, "packs_per_epoch": self.packs_per_epoch,
             "max_skipped_fraction": self.max_skipped_fraction, "content": self.content(),
+            **({"caption_token_cost": self.caption_token_cost} if self.caption_token_cost else {}),  # 0: as before it
         }
 
     def content(self) -> dict[str, str]:
@@ -192,7 +197,8 @@ class NativeLatentDataModule(L.LightningDataModule):
 
     @property
     def packing_efficiency(self) -> float:
-        """Real tokens / (packs × tokens_per_pack) of the current training plan (planning epoch 0 if none yet)."""
+        """Packing cost (image tokens, + caption cost with caption_token_cost > 0) / (packs × tokens_per_pack) of the
+        current training plan (planning epoch 0 if none yet)."""
         return self._plan_for("train", self._current_epoch()).efficiency
 
     @property
@@ -222,11 +228,11 @@ class NativeLatentDataModule(L.LightningDataModule):
             raise ValueError("`test` needs --data.test_sources (shard directories of the test split); none is set")
         return self._evaluation_loader("test")
 
-    def predict_dataloader(self) -> "_PredictPacks":
+    def predict_dataloader(self) -> PredictPacks:
         """`predict` scores the test split, else the validation split (per-image losses, see NiTModule.predict_step)."""
         for kind in ("test", "val"):
             if kind in self._sources:
-                return _PredictPacks(self._evaluation_loader(kind))
+                return PredictPacks(self._evaluation_loader(kind))
         raise ValueError("`predict` needs --data.test_sources or --data.val_sources; neither is set")
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +258,7 @@ class NativeLatentDataModule(L.LightningDataModule):
             "tokens_per_pack": self.tokens_per_pack,
             "max_images_per_pack": self.max_images_per_pack,
             "buffer_size": self.buffer_size,
-            "content": self.content(),
+            "content": self.content(), "caption_token_cost": self.caption_token_cost,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -261,7 +267,8 @@ class NativeLatentDataModule(L.LightningDataModule):
         _, world = self.rank_world()
         now = {"seed": self.seed, "world_size": world, "tokens_per_pack": self.tokens_per_pack,
                "max_images_per_pack": self.max_images_per_pack, "buffer_size": self.buffer_size,
-               "content": self.content()}  # fmt: skip
+               "content": self.content(), "caption_token_cost": self.caption_token_cost}  # fmt: skip
+        state = {"caption_token_cost": 0.0, **state}  # saved before the option: packs of image tokens only
         # A state saved before the content was recorded cannot be compared on it: the other keys still are.
         changed = {k: (state.get(k), v) for k, v in now.items()
                    if state.get(k) != v and (k in state or k != "content")}
@@ -284,17 +291,3 @@ class NativeLatentDataModule(L.LightningDataModule):
             consumed = 0
         self._resume = (epoch, consumed)
         self._next_epoch = epoch
-
-
-class _PredictPacks:
-    """A PackLoader seen as a plain iterable: Lightning rebuilds DataLoaders for `predict` to track sample indices
-    (which a PackLoader's signature does not allow); packs carry their own sample keys instead."""
-
-    def __init__(self, loader: PackLoader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)

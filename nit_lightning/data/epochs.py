@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from nit_lightning.data import shards
+from nit_lightning.data.caption_packing import caption_counts
 from nit_lightning.data.packing import StreamingPacker, lpfhp_flat
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,18 @@ class Source:
     shard_names: list[str]
     shard_starts: np.ndarray  # (S + 1,) cumulative sample counts: shard s owns shard_starts[s]:shard_starts[s+1]
     tokens: np.ndarray  # (n,) int64 tokens per sample = h·w / p²
+    caption_tokens: np.ndarray | None = None  # (n,) int64 from index.json (prepare --text-encoder), else None
+    cost: np.ndarray | None = None  # (n,) packing cost, image + caption tokens (data/caption_packing.py); None: tokens
+    caption_token_cost: float = 0.0  # what made `cost`
 
     @property
     def num_samples(self) -> int:
         return int(self.tokens.size)
+
+    @property
+    def packing_cost(self) -> np.ndarray:
+        """(n,) what a sample takes of tokens_per_pack: its tokens, + its caption's cost when one is set."""
+        return self.tokens if self.cost is None else self.cost
 
 
 def load_sources(specs: list[dict[str, Any]], patch_size: int) -> list[Source]:
@@ -60,6 +69,7 @@ def load_sources(specs: list[dict[str, Any]], patch_size: int) -> list[Source]:
                 shard_names=[shard["name"] for shard in index["shards"]],
                 shard_starts=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                 tokens=lengths // area,
+                caption_tokens=caption_counts(index, path),
             )
         )
     if all(source.weight == 0 for source in sources):
@@ -74,7 +84,7 @@ class Packing:
     ids: np.ndarray  # (N,) global sample ids, packs concatenated
     offsets: np.ndarray  # (Q + 1,)
     tokens: np.ndarray  # (N,) tokens per sample
-    fill: np.ndarray  # (Q,) tokens per pack
+    fill: np.ndarray  # (Q,) packing cost per pack (= image tokens unless a caption cost is set)
     flips: np.ndarray  # (N,) the flip each sample gets this epoch, whichever plan trains it
 
     def take(self, packs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,6 +93,10 @@ class Packing:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         take = np.repeat(self.offsets[packs] - offsets[:-1], sizes) + np.arange(offsets[-1])
         return take.astype(np.int64), offsets, sizes
+
+    def image_tokens(self, packs: np.ndarray) -> int:
+        """Image tokens of these packs (their `fill` also counts caption cost when one is set)."""
+        return int(self.tokens[self.take(packs)[0]].sum())
 
 
 @dataclass
@@ -100,7 +114,7 @@ class EpochPlan:
     flips: np.ndarray  # (M,) bool: use the stored flipped latent
     tokens: np.ndarray  # (M,) tokens per entry
     packs_per_rank: int  # steps of the whole epoch
-    efficiency: float  # real tokens / (kept packs × tokens_per_pack)
+    efficiency: float  # packing cost (image tokens, + caption cost if set) / (kept packs × tokens_per_pack)
     report: dict[str, int] = field(default_factory=dict)  # planned/kept/dropped counts, for logs and stats
     packing: Packing | None = None
     kept: np.ndarray | None = None  # (P,) position in `packing` of each pack of this plan, in plan order
@@ -178,15 +192,18 @@ def build_plan(
     buffer_size: int = 0,
 ) -> EpochPlan:
     """Select, pack (LPFHP seeded by (seed, epoch); whole epoch or streaming buffer) and split it equally over ranks."""
-    all_tokens = np.concatenate([source.tokens for source in sources])
+    all_tokens = np.concatenate([source.tokens for source in sources])  # image tokens: what the loader checks
+    # what LPFHP packs against tokens_per_pack: image tokens, + ceil(c × caption tokens) with a caption cost
+    all_cost = np.concatenate([source.packing_cost for source in sources])
+    unit = "tokens" if all(s.cost is None for s in sources) else "tokens of image + caption cost"
     selected = epoch_selection(sources, seed, epoch)
-    tokens = all_tokens[selected]
+    tokens = all_cost[selected]
     too_long = np.unique(selected[tokens > tokens_per_pack])
     if too_long.size:  # a sample never spans two packs: say which and how long, by source, shard and position
-        first, longest = int(too_long[0]), int(all_tokens[too_long].max())
+        first, longest = int(too_long[0]), int(all_cost[too_long].max())
         raise ValueError(
-            f"tokens_per_pack={tokens_per_pack} is smaller than {too_long.size} samples, the longest {longest} tokens "
-            f"(the first: {_describe(sources, first)}, {int(all_tokens[first])} tokens); a sample never spans two "
+            f"tokens_per_pack={tokens_per_pack} is smaller than {too_long.size} samples, the longest {longest} {unit} "
+            f"(the first: {_describe(sources, first)}, {int(all_cost[first])} {unit}); a sample never spans two "
             f"packs: raise tokens_per_pack to at least {longest}, or prepare those images smaller (--max-area, or a "
             f"fixed-S mode)"
         )
@@ -203,7 +220,7 @@ def build_plan(
         raise ValueError(f"{_describe(sources, bad)}: {error}") from error
     ids = selected[local]
     num_packs = len(offsets) - 1
-    fill = np.add.reduceat(all_tokens[ids], offsets[:-1]) if num_packs else np.zeros(0, dtype=np.int64)
+    fill = np.add.reduceat(all_cost[ids], offsets[:-1]) if num_packs else np.zeros(0, dtype=np.int64)
     # Unequal pack counts hang DDP: drop the P mod W least-full packs (logged; a new packing next epoch uses them).
     leftover = num_packs % world_size
     keep = np.ones(num_packs, dtype=bool)
@@ -211,7 +228,8 @@ def build_plan(
     per_rank = (num_packs - leftover) // world_size
     report = {"selected_samples": int(selected.size), "planned_packs": num_packs, "leftover_packs": leftover}
     report["leftover_samples"] = int(np.diff(offsets)[~keep].sum())
-    report["leftover_tokens"] = int(fill[~keep].sum())
+    full = Packing(ids, offsets.astype(np.int64), all_tokens[ids], fill, np.zeros(ids.size, dtype=bool))
+    report["leftover_tokens"] = full.image_tokens(np.flatnonzero(~keep))
     if packs_per_epoch is not None:
         if packs_per_epoch > per_rank:
             raise ValueError(
@@ -223,7 +241,6 @@ def build_plan(
         per_rank = packs_per_epoch
     report["unused_packs"] = int(num_packs - leftover - per_rank * world_size)
     kept = np.flatnonzero(keep)
-    full = Packing(ids, offsets.astype(np.int64), all_tokens[ids], fill, np.zeros(ids.size, dtype=bool))
     take, new_offsets, _ = full.take(kept)
     ids = ids[take]
     flips = np.random.default_rng([seed, epoch, 0xF11]).random(ids.size) < flip_prob
@@ -232,8 +249,12 @@ def build_plan(
     others = np.ones(full.ids.size, dtype=bool)
     others[take] = False
     full.flips[others] = np.random.default_rng([seed, epoch, 0xF12]).random(int(others.sum())) < flip_prob
-    report.update(packs_per_rank=per_rank, kept_samples=int(ids.size), kept_tokens=int(all_tokens[ids].sum()))
-    efficiency = report["kept_tokens"] / (len(kept) * tokens_per_pack) if len(kept) else 0.0
+    report.update(packs_per_rank=per_rank, kept_samples=int(ids.size), kept_tokens=int(all_tokens[ids].sum()),
+                  kept_cost=int(all_cost[ids].sum()))  # image tokens; what they and their captions took of the budget
+    efficiency = report["kept_cost"] / (len(kept) * tokens_per_pack) if len(kept) else 0.0
+    if unit != "tokens" and len(kept):
+        log.info("epoch %d: packing efficiency %.3f counts image tokens + caption cost; image tokens alone fill %.3f "
+                 "of tokens_per_pack", epoch, efficiency, report["kept_tokens"] / (len(kept) * tokens_per_pack))
     if leftover or report["unused_packs"]:
         log.warning(
             "epoch %d: %d packs over %d ranks -> %d per rank; dropped the %d least-full packs (%d samples, %d tokens) "

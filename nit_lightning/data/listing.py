@@ -90,8 +90,8 @@ def read_labels(labels_file: str | Path) -> dict[str, str]:
     return labels
 
 
-def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None = None) -> Listing:
-    """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
+def walk_input(input_dir: str | Path) -> tuple[Path, list[Path], list[dict[str, str]]]:
+    """`prepare --input`: (root, every file sorted, the symlink loops left out as skipped entries)."""
     root = Path(input_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} is not a directory (ImageNet's layout and recipe: {WEIGHTS_DOCS})")
@@ -99,6 +99,12 @@ def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None =
     files = sorted_files(root, loops)
     skipped: list[dict[str, str]] = [{"source": rel, "reason": "symlink-loop", "detail": "a link to a folder that "
                                       "contains it; its files are listed through the folder itself"} for rel in loops]
+    return root, files, skipped
+
+
+def list_labelled_images(input_dir: str | Path, labels_file: str | Path | None = None) -> Listing:
+    """ImageNet-style folder (class = index of the sorted sub-folder names) or a flat folder plus a labels file."""
+    root, files, skipped = walk_input(input_dir)
     ignored = [p.relative_to(root).as_posix() for p in files if not is_image(p)]
     images = [p for p in files if is_image(p)]
     if labels_file is not None:

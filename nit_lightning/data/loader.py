@@ -255,3 +255,17 @@ class PackLoader(DataLoader):
                     f"sample), or raise data.max_skipped_fraction"
                 )
             yield batch
+
+
+class PredictPacks:
+    """A PackLoader seen as a plain iterable: Lightning rebuilds DataLoaders for `predict` to track sample indices
+    (which a PackLoader's signature does not allow); packs carry their own sample keys instead."""
+
+    def __init__(self, loader: PackLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

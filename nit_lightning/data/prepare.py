@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from nit_lightning import distributed
+from nit_lightning.data.caption_tokens import (CaptionCounter, caption_counter_for, caption_sidecar,
+                                                 count_captions)
 from nit_lightning.data.captions import caption_kind, list_captioned_images
 from nit_lightning.data.codecs import Codec, codec_from_spec
 from nit_lightning.data.encode import BucketEncoder, DecodeDataset, ShardState, encode_shards
@@ -54,13 +56,15 @@ class PrepareSettings:
     max_area: int | None = None  # (bytes) native area cap; None: (64·factor)², 2048² for DC-AE
     captions: str | None = None  # (bytes) "beside" (photo.txt) | a JSONL manifest path | None: class-conditional
     missing_caption: str = "skip"  # (bytes) an image without a caption: skip (counted "no-caption") | empty ("")
+    text_encoder: str | None = None  # (index) hf:PATH | tinytext:PATH: count each caption's tokens for packing
 
 
 def shard_name(prefix: str, shard_id: int) -> str:
     return f"{prefix}-{shard_id:06d}.tar"
 
 
-def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing) -> dict[str, Any]:
+def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing,
+                   counter: CaptionCounter | None = None) -> dict[str, Any]:
     """What decides the bytes of every shard; a resumed run must match it exactly.
 
     `files_sha1` is the identity (path, size, mtime) of every input file: another folder with the same file names, or
@@ -70,6 +74,8 @@ def fingerprint_of(settings: PrepareSettings, codec: Codec, listing: Listing) ->
         "codec": codec.describe(), "mode": settings.mode, "dtype": settings.latent_dtype, "flip": settings.flip,
         "samples_per_shard": settings.samples_per_shard, "max_area": settings.max_area, "prefix": settings.prefix,
         "num_items": len(listing.items), "listing_sha1": listing.digest(), "files_sha1": listing.files_digest(),
+        # the sidecars' caption token counts depend on the tokenizer (absent without one: older folders still resume)
+        **({"caption_tokenizer": counter.describe()} if counter is not None else {}),
     }
 
 
@@ -127,6 +133,7 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
         )
     if settings.num_workers < 0:
         raise ValueError(f"--num-workers {settings.num_workers} must be ≥ 0")
+    counter = caption_counter_for(settings.text_encoder, settings.captions)  # a bad spec fails before any work
     listing = _listing(settings)
     if not listing.items:
         raise ValueError(
@@ -136,7 +143,7 @@ def run_prepare(settings: PrepareSettings) -> dict[str, Any]:
     # One prepare run per output folder: a second one would write shards of other settings beside these (rank 0 holds
     # the lock for the ranks of its own run, which write disjoint shards).
     with folder_lock(settings.output, "prepare", enabled=ranks.is_main):
-        return _prepare(settings, codec, listing, ranks)
+        return _prepare(settings, codec, listing, ranks, counter)
 
 
 def _listing(settings: PrepareSettings) -> Listing:
@@ -156,11 +163,12 @@ def _listing(settings: PrepareSettings) -> Listing:
     return listing
 
 
-def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: distributed.Ranks) -> dict[str, Any]:
+def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: distributed.Ranks,
+             counter: CaptionCounter | None = None) -> dict[str, Any]:
     rank, world = ranks.rank, ranks.world
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = fingerprint_of(settings, codec, listing)
+    fingerprint = fingerprint_of(settings, codec, listing, counter)
     plan = shard_plan(listing, settings.samples_per_shard)
     record = plan_record(settings, fingerprint, listing, len(plan))
     _check_existing(out, record, len(plan))
@@ -173,7 +181,7 @@ def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: d
     todo = [s for s in mine if not shard_is_complete(out / shard_name(settings.prefix, s))]
     log.info("rank %d/%d: %d shards of %d are mine, %d already complete, %d to encode", rank, world, len(mine),
              len(plan), len(mine) - len(todo), len(todo))
-    encoded = _encode_all(todo, plan, settings, codec, fingerprint, listing.captions)
+    encoded = _encode_all(todo, plan, settings, codec, fingerprint, listing.captions, counter)
     failed = encoded["failed"]
     complete = all(shard_is_complete(out / shard_name(settings.prefix, s)) for s in range(len(plan)))
     index = reindex(out) if complete else None
@@ -185,12 +193,13 @@ def _prepare(settings: PrepareSettings, codec: Codec, listing: Listing, ranks: d
 
 
 def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, fingerprint,
-                captions: list[str] | None) -> dict[str, Any]:
+                captions: list[str] | None, counter: CaptionCounter | None = None) -> dict[str, Any]:
     """Encode this rank's unfinished shards (data/encode.py); a failing shard is reported and left unfinished."""
     out = Path(settings.output)
     items = [(s, index, rel, cls) for s in todo for index, rel, cls in plan[s]]
     dataset = DecodeDataset(items, settings.input, settings.mode, codec.factor, settings.max_area)
     encoder = BucketEncoder(codec, settings.batch_size, settings.flip, settings.device)
+    counts = count_captions(counter, captions, [index for _, index, _, _ in items])  # {listing index: tokens} | None
 
     def to_members(decoded, latent, mirror) -> tuple[str, dict[str, bytes], int]:
         key = f"{decoded.index:08d}"
@@ -200,7 +209,7 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
         return key, members, int(latent.shape[1] * latent.shape[2])
 
     def finish(state: ShardState) -> None:
-        sidecar = close_shard(state, fingerprint)
+        sidecar = close_shard(state, fingerprint, caption_sidecar(counts, state.writer.keys))
         log.info("shard %d: %d written, %d skipped, %.1f s", state.shard, sidecar["num_samples"],
                  len(sidecar["skipped"]), time.perf_counter() - state.started)
 
@@ -209,9 +218,9 @@ def _encode_all(todo: list[int], plan, settings: PrepareSettings, codec: Codec, 
     return {"failed": failed, "codec_calls": encoder.calls, "images_encoded": encoder.images}
 
 
-def close_shard(state: ShardState, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def close_shard(state: ShardState, fingerprint: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finish a shard's tar and write its sidecar (last: a tar without its sidecar counts as unfinished)."""
-    return state.writer.close(extra={**state.sidecar_records(), "prepare": fingerprint})
+    return state.writer.close(extra={**state.sidecar_records(), "prepare": fingerprint, **(extra or {})})
 
 
 def _check_existing(out: Path, record: SettingsRecord, num_shards: int) -> None:
@@ -265,6 +274,8 @@ def reindex(output: str | Path) -> dict[str, Any]:
         "samples_per_shard": fingerprint["samples_per_shard"], "num_classes": plan.info["num_classes"],
         "source": plan.info["options"]["input"],
         "captions": plan.info.get("captions"),  # "beside" | "manifest": each sample's json has "caption"; None: C2I
+        # the text encoder whose tokenizer counted each shard's "caption_tokens" (prepare --text-encoder); None: none
+        "caption_tokenizer": fingerprint.get("caption_tokenizer"),
         "counts": {
             "listed": fingerprint["num_items"] + len(plan.info["listing_skipped"]),
             "written": written,

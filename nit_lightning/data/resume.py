@@ -41,8 +41,9 @@ def continue_plan(plan: EpochPlan, *, packs_done: int, first_step: int, world_si
     unused = int(rest.size - dropped.size - kept.size)
     report = {"selected_samples": int(full.ids.size), "planned_packs": int(rest.size),
               "leftover_packs": int(dropped.size), "leftover_samples": int(np.diff(full.offsets)[dropped].sum()),
-              "leftover_tokens": int(full.fill[dropped].sum()), "packs_per_rank": first_step + per_rank,
-              "kept_samples": int(take.size), "kept_tokens": int(full.fill[kept].sum()), "unused_packs": unused}
+              "leftover_tokens": full.image_tokens(dropped), "packs_per_rank": first_step + per_rank,
+              "kept_samples": int(take.size), "kept_tokens": int(full.tokens[take].sum()),
+              "kept_cost": int(full.fill[kept].sum()), "unused_packs": unused}  # cost: + caption cost, if set
     log.log(
         logging.WARNING if world_size != plan.base_world else logging.INFO,
         "epoch %d continues on %d ranks after %d steps (planned for %d ranks): %d packs left -> %d more steps; "
@@ -50,7 +51,7 @@ def continue_plan(plan: EpochPlan, *, packs_done: int, first_step: int, world_si
         "twice", plan.epoch, world_size, first_step, plan.base_world, rest.size, per_rank, dropped.size,
         report["leftover_samples"], f", {unused} unused (packs_per_epoch={packs_per_epoch})" if unused else "",
     )  # fmt: skip
-    efficiency = report["kept_tokens"] / (kept.size * tokens_per_pack) if kept.size and tokens_per_pack else 0.0
+    efficiency = report["kept_cost"] / (kept.size * tokens_per_pack) if kept.size and tokens_per_pack else 0.0
     return EpochPlan(plan.epoch, world_size, full.ids[take], offsets, full.flips[take], full.tokens[take],
                      first_step + per_rank, efficiency, report, packing=full, kept=kept, first_step=first_step,
                      first_pack=packs_done, base_world=plan.base_world)

@@ -238,7 +238,9 @@ def build_index(
         "num_samples": sum(shard["num_samples"] for shard in shards),
         "num_shards": len(shards),
         "length_histogram": {str(k): histogram[k] for k in sorted(histogram)},
-        "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths", "sha256") if k in shard} for shard in shards],
+        # caption_tokens: per sample, beside lengths, when prepare counted them (--text-encoder; data/caption_tokens.py)
+        "shards": [{k: shard[k] for k in ("name", "num_samples", "lengths", "caption_tokens", "sha256") if k in shard}
+                   for shard in shards],
     }
     index["content_sha256"] = content_fingerprint(index)
     index.update(settings or {})

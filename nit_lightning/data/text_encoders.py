@@ -74,27 +74,51 @@ class TextEncoder:
                         truncated, total, self.kind, self.max_length, self.truncated_total, self.prompts_total)
 
 
-def _check_hf_folder(path: Path) -> None:
-    """One line naming what a transformers model folder lacks."""
-    what = ("a transformers model folder (config.json, tokenizer files, weights: *.safetensors or pytorch_model*.bin); "
-            "this suite never downloads: copy the model there first (e.g. `huggingface-cli download "
-            "google/gemma-3-1b-it --local-dir DIR` on a machine with internet)")
+def check_hf_folder(path: Path, *, what: str = "text encoder", flag: str = "hf:PATH",
+                    example: str = "google/gemma-3-1b-it", extra: tuple[tuple[str, ...], ...] = ()) -> None:
+    """One line naming what a transformers model folder lacks (`extra`: more files, one of each tuple, e.g. CLIP's
+    image processor config); shared by every loader of local transformers folders (text encoders, CLIP score)."""
+    needs = ("a transformers model folder (config.json, tokenizer files, weights: *.safetensors or "
+             "pytorch_model*.bin); this suite never downloads: copy the model there first (e.g. `huggingface-cli download "
+             f"{example} --local-dir DIR` on a machine with internet)")
     if not path.is_dir():
-        raise FileNotFoundError(f"text encoder folder {str(path)!r} not found; hf:PATH needs {what}")
+        raise FileNotFoundError(f"{what} folder {str(path)!r} not found; {flag} needs {needs}")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder folder {str(path)!r} has no config.json; hf:PATH needs {what}")
+        raise FileNotFoundError(f"{what} folder {str(path)!r} has no config.json; {flag} needs {needs}")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"text encoder folder {str(path)!r} has no tokenizer (none of "
-                                f"{', '.join(_TOKENIZER_FILES)}); hf:PATH needs {what}")
-    if not _weight_files(path):
-        raise FileNotFoundError(f"text encoder folder {str(path)!r} has no weights (*.safetensors or "
-                                f"pytorch_model*.bin); hf:PATH needs {what}")
+        raise FileNotFoundError(f"{what} folder {str(path)!r} has no tokenizer (none of "
+                                f"{', '.join(_TOKENIZER_FILES)}); {flag} needs {needs}")
+    for names in extra:
+        if not any((path / name).is_file() for name in names):
+            raise FileNotFoundError(f"{what} folder {str(path)!r} has no {' or '.join(names)}; {flag} needs {needs}")
+    if not weight_files(path):
+        raise FileNotFoundError(f"{what} folder {str(path)!r} has no weights (*.safetensors or "
+                                f"pytorch_model*.bin); {flag} needs {needs}")
 
 
-def _weight_files(path: Path) -> list[str]:
+def weight_files(path: Path) -> list[str]:
+    """The weight files of a transformers folder, sorted by name."""
     return sorted(p.name for p in path.iterdir()
                   if p.is_file() and (p.suffix == ".safetensors" or (p.name.startswith("pytorch_model") and
                                                                      p.suffix == ".bin")))
+
+
+def hf_folder_sha256(folder: Path, extra: tuple[str, ...] = ()) -> str:
+    """Digest of a transformers folder's config, tokenizer, `extra` and weight files (those present)."""
+    from nit_lightning.data.saved import files_sha256
+
+    names = ["config.json", *[n for n in _TOKENIZER_FILES + _TOKENIZER_SIDE_FILES + extra if (folder / n).is_file()],
+             *weight_files(folder)]
+    return files_sha256(folder, names)
+
+
+def hf_max_length(config: Any, max_length: int | None, path: str) -> int:
+    """Tokens per prompt: `max_length`, else HF_DEFAULT_MAX_LENGTH, never more than the model's positions (shared with
+    the caption counter of data/caption_tokens.py, so that counted and encoded lengths agree)."""
+    limit = getattr(config, "max_position_embeddings", None) or HF_DEFAULT_MAX_LENGTH
+    if max_length is not None and max_length > limit:
+        raise ValueError(f"max_length {max_length} is more than text encoder {path!r} can read ({limit} positions)")
+    return int(max_length or min(HF_DEFAULT_MAX_LENGTH, limit))
 
 
 class HFTextEncoder(TextEncoder):
@@ -115,7 +139,7 @@ class HFTextEncoder(TextEncoder):
         self.path, self.dtype_name, self.device = str(path), dtype, torch.device(device)
         self.batch_size = int(batch_size)
         folder = Path(self.path).expanduser()
-        _check_hf_folder(folder)
+        check_hf_folder(folder)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             model, info = AutoModel.from_pretrained(folder, local_files_only=True, dtype=HF_DTYPES[dtype],
@@ -136,11 +160,7 @@ class HFTextEncoder(TextEncoder):
         self.model_type = str(getattr(config, "model_type", type(model).__name__))
         config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its text part
         self.dim = int(config.hidden_size)
-        limit = getattr(config, "max_position_embeddings", None) or HF_DEFAULT_MAX_LENGTH
-        if max_length is not None and max_length > limit:
-            raise ValueError(f"max_length {max_length} is more than text encoder {self.path!r} can read ({limit} "
-                             "positions)")
-        self.max_length = int(max_length or min(HF_DEFAULT_MAX_LENGTH, limit))
+        self.max_length = hf_max_length(config, max_length, self.path)
         # Right padding: a causal model numbers positions from the left, so left padding would shift every real token.
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:  # padded positions are masked out and dropped; any real token will do
@@ -154,12 +174,7 @@ class HFTextEncoder(TextEncoder):
     def sha256(self) -> str:
         """Digest of the folder's config, tokenizer and weight files (computed once: weights can be gigabytes)."""
         if self._sha256 is None:
-            from nit_lightning.data.saved import files_sha256
-
-            folder = Path(self.path).expanduser()
-            names = ["config.json", *[n for n in _TOKENIZER_FILES + _TOKENIZER_SIDE_FILES if (folder / n).is_file()],
-                     *_weight_files(folder)]
-            self._sha256 = files_sha256(folder, names)
+            self._sha256 = hf_folder_sha256(Path(self.path).expanduser())
         return self._sha256
 
     @torch.no_grad()

@@ -25,6 +25,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     config = load_config(args.config)
+    if config.get("kind") == "t2i":  # experiments/demo_t2i.yaml: the NiT-T2I demo (demo/t2i.py)
+        if args.sweep or args.ablation:
+            raise ValueError("--sweep and --ablation belong to the class-conditional demo; the T2I demo has neither")
+        from nit_lightning.demo.t2i import run_t2i_demo
+
+        result = run_t2i_demo(config, args.out, threads=args.threads)
+        missed = [g for g, v in result["goals"].items() if not v["met"]]
+        if missed:
+            print(f"T2I demo: goals not met for {', '.join(missed)} (report: {result['report']})")
+        return 0
     if args.sweep:
         return run_demo_sweep(config, args.out, args.sweep, args.threads)
     run_demo(config, args.out, ablation=args.ablation, threads=args.threads)

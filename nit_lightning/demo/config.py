@@ -7,6 +7,8 @@ from typing import Any
 import yaml
 
 SECTIONS = ("seed", "threads", "images", "codec", "shards", "runs", "ablation", "fit", "sample", "evaluate")
+# `kind: t2i` (experiments/demo_t2i.yaml): the NiT-T2I demo (demo/t2i.py), one run, a text encoder, no ablation.
+T2I_SECTIONS = ("kind", "seed", "threads", "images", "codec", "shards", "text_encoder", "fit", "sample", "evaluate")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -18,7 +20,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     base = config.pop("extends", None)
     if base is not None:
         config = _merge(load_config(path.parent / base), config)
-    unknown, missing = sorted(set(config) - set(SECTIONS)), sorted(set(SECTIONS) - set(config))
+    kind = config.get("kind", "c2i")
+    if kind not in ("c2i", "t2i"):
+        raise ValueError(f"demo config {path}: kind {kind!r} is not c2i (the default) or t2i")
+    sections = T2I_SECTIONS if kind == "t2i" else SECTIONS
+    unknown, missing = sorted(set(config) - set(sections)), sorted(set(sections) - set(config))
     if unknown or missing:
         raise ValueError(f"demo config {path}: unknown sections {unknown}, missing sections {missing}")
     return config

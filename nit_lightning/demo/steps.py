@@ -93,16 +93,18 @@ class Demo:
                     info.update({k: v for k, v in trained.items() if isinstance(v, (int, float, str))})
         return spec
 
-    def make_shards(self, mode: str, codec: str) -> Path:
+    def make_shards(self, mode: str, codec: str, **extra: Any) -> Path:
+        """Latent shards of the training images (`extra`: more PrepareSettings, e.g. the T2I demo's captions)."""
         from nit_lightning.data.prepare import PrepareSettings, run_prepare
 
         out = self.shards / mode
-        with self.timer.step(f"2b-shards-{mode}", f"latent shards ({codec}, {mode})") as info:
+        what = f"latent shards ({codec}, {mode}{', ' + ', '.join(sorted(extra)) if extra else ''})"
+        with self.timer.step(f"2b-shards-{mode}", what) as info:
             if (out / "index.json").is_file():
                 info["status"] = "reused"
                 return out
             result = run_prepare(PrepareSettings(input=str(self.images / "train"), output=str(out), mode=mode,
-                                                 codec=codec, flip=True, **self.config["shards"]))
+                                                 codec=codec, flip=True, **self.config["shards"], **extra))
             if result["failed"] or result["index"] is None:
                 raise RuntimeError(f"prepare {mode} into {out} left shards unfinished: {result['failed']}; rerun")
             info.update(samples=result["index"]["num_samples"], skipped=result["index"]["counts"].get("skipped"))

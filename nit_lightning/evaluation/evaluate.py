@@ -20,6 +20,7 @@ from nit_lightning.evaluation.arrays import nhwc_to_tensor, open_npz
 from nit_lightning.evaluation.extractors import FeatureExtractor, is_reference_grade
 from nit_lightning.evaluation.metrics import ADMFeatureStats, compare
 from nit_lightning.evaluation.reference import Reference, check_extractor, load_reference, reference_pool
+from nit_lightning.evaluation.sample_prompts import PROMPTS_FILE, read_sample_prompts
 from nit_lightning.generation.images import class_balanced, generate
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.settings import SizeSetting
@@ -31,7 +32,9 @@ def iter_sample_batches(path: str | Path, batch_size: int = 64) -> tuple[Iterato
     """A sample set (ADM npz with arr_0 NHWC uint8, or a folder of PNGs) -> (batches, count, (H, W))."""
     path = Path(path)
     if path.is_dir():
-        files = list_images(path)
+        # A prompted folder (`sample --prompts`) is the images its prompts.jsonl lists; any other folder, every image.
+        prompted = (path / PROMPTS_FILE).is_file()
+        files = [r.file for r in read_sample_prompts(path)] if prompted else list_images(path)
         size = read_rgb(files[0]).shape[:2]
 
         def folder_batches() -> Iterator[np.ndarray]:

@@ -28,6 +28,7 @@ from nit_lightning.records import SettingsRecord, folder_lock, write_json, write
 
 log = logging.getLogger(__name__)
 PROMPTS_NAME = "prompts.jsonl"
+GRID_NAME = "grid.png"  # the one image of the folder that is not a sample (evaluation reads past it)
 GRID_PROMPTS, GRID_SIZES = 8, 6  # the grid shows at most this many prompts (columns) and sizes (rows)
 
 
@@ -100,7 +101,12 @@ def write_prompt_set(pipeline: Pipeline, specs: Sequence[PromptSpec], requests: 
              "weights": pipeline.meta.get("weights")})
     record.check(folder / "provenance.json", what="samples", ignore={"source", "prompts_file", "weights"},
                  write=ranks.is_main, remedy=f"use another --out or delete {folder}")
-    done = folder / "done.json"
+    done, path = folder / "done.json", folder / PROMPTS_NAME
+    lines = "".join(json.dumps(row) + "\n" for row in prompt_rows(requests, metas))
+    complete = done.exists() and path.is_file() and path.read_text(encoding="utf-8") == lines
+    if complete and all(png_path(folder, r.index).exists() for r in requests):
+        log.info("%s: complete (%d images), nothing to do", folder, len(requests))
+        return path
     if done.exists() and ranks.is_main:
         done.unlink()
     todo = [r for r in requests[ranks.rank::ranks.world] if not png_path(folder, r.index).exists()]
@@ -114,14 +120,13 @@ def write_prompt_set(pipeline: Pipeline, specs: Sequence[PromptSpec], requests: 
         seconds = time.perf_counter() - start
         log.info("rank %d made %d images in %.1f s = %.2f images/s", ranks.rank, len(todo), seconds, len(todo) / seconds)
     distributed.barrier()
-    path = folder / PROMPTS_NAME
     if ranks.is_main:
         missing = [r.index for r in requests if not png_path(folder, r.index).exists()]
         if missing:
             raise RuntimeError(f"{folder}: {len(missing)} of {len(requests)} PNGs missing after sampling "
                                f"(first: {missing[:5]})")
-        write_text(path, "".join(json.dumps(row) + "\n" for row in prompt_rows(requests, metas)))
-        grid = write_prompt_grid(folder / "grid.png", folder, requests, title=f"{Path(source or '').name}: "
+        write_text(path, lines)
+        grid = write_prompt_grid(folder / GRID_NAME, folder, requests, title=f"{Path(source or '').name}: "
                                  f"{sampler.describe()}")
         write_json(done, {"num_images": len(requests), "prompts": PROMPTS_NAME})
         log.info("%s: %d images, %s, grid %s", folder, len(requests), path.name, grid.name)
@@ -142,11 +147,3 @@ def write_prompt_grid(path: Path, folder: Path, requests: Sequence[ImageRequest]
         cells = [first.get((p, size)) for p in prompts]
         rows.append((format_size(size), [read_png(png_path(folder, r.index), r.size) if r else None for r in cells]))
     return write_grid(path, rows, prompts, title)
-
-
-def read_prompt_set(folder: str | Path) -> list[dict[str, Any]]:
-    """The rows of a finished prompted sample folder's prompts.jsonl (what evaluation pairs images with prompts by)."""
-    path = Path(folder) / PROMPTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a finished `sample --prompts` folder")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -22,16 +22,20 @@ from nit_lightning.training.ema import EMA, unwrap_net
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK = "nit_lightning.models.nit.NiTBlock"
+DEFAULT_BLOCK = "auto"  # the class of net.blocks[0]: NiTBlock for NiT, NiTT2IBlock for NiT-T2I
 
 
-def resolve_class(path: str) -> type[torch.nn.Module]:
-    """`package.module.Class` -> the class; a clear error when it does not exist."""
+def resolve_class(path: str) -> type[torch.nn.Module] | None:
+    """`package.module.Class` -> the class ("auto" -> None: the net's own block class); a clear error when it does not
+    exist."""
+    if path == "auto":
+        return None  # type: ignore[return-value]  # resolved from the net in shard_per_block
     module_name, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"block class {path!r} not found ({error}); pass e.g. block_class: {DEFAULT_BLOCK}") from error
+        raise ValueError(f"block class {path!r} not found ({error}); pass e.g. block_class: auto or "
+                         "nit_lightning.models.nit.NiTBlock") from error
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise ValueError(f"block class {path!r} is {cls!r}, not an nn.Module subclass")
     return cls
@@ -54,7 +58,7 @@ def shard_per_block(
     pl_module: torch.nn.Module,
     mesh: Any,
     *,
-    block_class: type[torch.nn.Module],
+    block_class: type[torch.nn.Module] | None,
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype | None = torch.float32,
     reshard_after_forward: bool = True,
@@ -69,6 +73,7 @@ def shard_per_block(
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     net = _find_net(pl_module)
+    block_class = block_class or type(net.blocks[0])  # "auto": every block must be of the first one's class
     groups = 0
     for block in net.blocks:
         if not isinstance(block, block_class):
