@@ -473,3 +473,22 @@ def test_jsonargparse_config(data):
     dm = parser.instantiate_classes(config).data
     assert isinstance(dm, NativeLatentDataModule) and dm.max_images_per_pack == 4 and dm.buffer_size == 8192
     assert dm.plan_report["selected_samples"] == 60
+
+
+def test_order_in_pack_size_groups_equal_grids_and_keeps_each_pack(data):
+    """order_in_pack="size": the same images in every pack, their latents and labels kept together, equal token grids
+    next to each other; "plan" (the default) is the order of the plan, as before."""
+    tmp_path, stored = data
+    plan, size = make(tmp_path), make(tmp_path, order_in_pack="size")
+    reordered = 0
+    for a, b in zip(plan.train_dataloader(), size.train_dataloader()):
+        reordered += a.keys != b.keys
+        assert sorted(a.keys) == sorted(b.keys)
+        grids = [tuple(g) for g in b.hw.tolist()]
+        assert grids == sorted(grids)
+        rows = dict(zip(a.keys, a.x.split(a.seqlens.tolist())))
+        for key, x in zip(b.keys, b.x.split(b.seqlens.tolist())):
+            assert torch.equal(rows[key], x)
+    assert reordered  # the data's grids differ: some pack was reordered
+    with pytest.raises(ValueError, match="order_in_pack"):
+        make(tmp_path, order_in_pack="random")

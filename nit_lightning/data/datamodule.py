@@ -10,7 +10,15 @@ import lightning as L
 from nit_lightning import distributed
 from nit_lightning.data.caption_packing import apply_caption_cost, check_caption_token_cost
 from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
-from nit_lightning.data.loader import ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader, PredictPacks
+from nit_lightning.data.loader import (
+    ON_ERROR,
+    EpochStart,
+    LoaderStats,
+    PackDataset,
+    PackLoader,
+    PredictPacks,
+    check_order_in_pack,
+)
 from nit_lightning.data.resume import continue_plan
 from nit_lightning.data.shards import content_fingerprint
 from nit_lightning.records import plain
@@ -37,6 +45,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         test_sources: list[dict] | None = None,
         max_skipped_fraction: float = 0.01,
         caption_token_cost: float = 0.0,  # a caption token's share of tokens_per_pack (data/caption_packing.py)
+        order_in_pack: str = "plan",  # "size": images of equal size (and caption length) next to each other (loader.py)
     ):
         super().__init__()
         if on_error not in ON_ERROR:
@@ -58,6 +67,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         self.flip_prob, self.patch_size, self.on_error = flip_prob, patch_size, on_error
         self.packs_per_epoch, self.caption_token_cost = packs_per_epoch, check_caption_token_cost(caption_token_cost)
         self.max_skipped_fraction = float(max_skipped_fraction)  # of an epoch's planned samples, per rank and loader
+        self.order_in_pack = check_order_in_pack(order_in_pack)
         self._sources: dict[str, list[Source]] = {}
         self._plans: dict[str, EpochPlan] = {}
         self._distributed: tuple[int, int] | None = None
@@ -212,12 +222,12 @@ class NativeLatentDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> PackLoader:
-        dataset = PackDataset(self._sources["train"], self.patch_size, self.on_error)
+        dataset = PackDataset(self._sources["train"], self.patch_size, self.on_error, self.order_in_pack)
         return PackLoader(self, "train", dataset, self.num_workers)
 
     def _evaluation_loader(self, kind: str) -> PackLoader:
         """Fixed packs of an evaluation split: epoch 0, the fixed seed, no flips (like validation)."""
-        dataset = PackDataset(self._sources[kind], self.patch_size, self.on_error)
+        dataset = PackDataset(self._sources[kind], self.patch_size, self.on_error, self.order_in_pack)
         return PackLoader(self, kind, dataset, self.num_workers)
 
     def val_dataloader(self) -> PackLoader | list:

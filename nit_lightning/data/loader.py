@@ -64,11 +64,34 @@ class LoaderStats:
         return out
 
 
-class PackDataset(IterableDataset):
-    """Yields one rank's packs; worker w of K takes packs start+w, start+w+K, … (round-robin = plan order)."""
+ORDERS_IN_PACK = ("plan", "size")
 
-    def __init__(self, sources: list[Source], patch_size: int, on_error: str):
+
+def check_order_in_pack(order: str) -> str:
+    if order not in ORDERS_IN_PACK:
+        raise ValueError(f"order_in_pack={order!r} must be one of {ORDERS_IN_PACK}")
+    return order
+
+
+def size_order(latents: list[torch.Tensor], captions: list[str | None]) -> list[int]:
+    """Positions sorted by (token grid, caption words), stable: equal neighbours make one batched attention call in
+    the CPU `loop` backend (self- and cross-attention batch runs of equal lengths). Which images a pack holds, and each
+    image's loss, do not change; the noise drawn per image follows the new order."""
+    def key(i: int) -> tuple:
+        return (*latents[i].shape[-2:], len((captions[i] or "").split()))
+
+    return sorted(range(len(latents)), key=key)
+
+
+class PackDataset(IterableDataset):
+    """Yields one rank's packs; worker w of K takes packs start+w, start+w+K, … (round-robin = plan order).
+
+    `order_in_pack` "plan" keeps the plan's order of images inside a pack; "size" groups equal token grids (and caption
+    lengths) together, which the CPU attention loop runs as one call each (about 8% of a T2I demo step)."""
+
+    def __init__(self, sources: list[Source], patch_size: int, on_error: str, order_in_pack: str = "plan"):
         self.sources, self.patch_size, self.on_error = sources, patch_size, on_error
+        self.order_in_pack = check_order_in_pack(order_in_pack)
         self.plan: RankPlan | None = None  # set by the loader before each iteration (pickled into the workers)
         self.start = 0
 
@@ -124,6 +147,8 @@ class PackDataset(IterableDataset):
         kept = [i for i in range(len(ids)) if latents[i] is not None]
         if not kept:
             return None, dropped
+        if self.order_in_pack == "size":
+            kept = [kept[k] for k in size_order([latents[i] for i in kept], [captions[i] for i in kept])]
         x, hw = pack_latents([latents[i].float() for i in kept], p)  # (N, C·p·p) float32, (B, 2) token grids
         batch = PackedBatch(
             x=x,
