@@ -302,3 +302,20 @@ def test_skipped_steps_are_bounded_and_an_all_skipped_run_fails(tmp_path, monkey
     with pytest.raises(TooManySkippedSteps, match="the run is not training"):  # a failed run: exit 1, traceback
         main(fit_args(shards, max_steps=4) + ["--model.on_nonfinite", "skip"])
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing that looks like a trained model
+
+    # a long run is not left skipping for 1% of its steps (here 1000 batches): a streak stops it
+    streak = NonFinitePolicy("skip", max_fraction=1.0, max_consecutive=10)
+    for _ in range(3):
+        for _ in range(10):
+            streak.handle(float("nan"), "step", [], taken=0, max_steps=10**6)
+        streak.finite()  # a finite step ends the streak: 30 skipped, never 11 in a row
+    assert streak.skipped == 30
+    for _ in range(10):
+        streak.handle(float("inf"), "step", [], taken=0, max_steps=10**6)
+    with pytest.raises(TooManySkippedSteps, match="11 steps in a row .*max_consecutive_skipped_steps=10"):
+        streak.handle(float("nan"), "step 41", [], taken=0, max_steps=10**6)
+    # (a skipped step still counts as a Lightning step: debug.yaml's checkpoint every 10 steps would come at the 10th)
+    with pytest.raises(TooManySkippedSteps, match="6 steps in a row .*max_consecutive_skipped_steps=5"):
+        main(fit_args(shards, max_steps=100_000) + ["--model.on_nonfinite", "skip",
+                                                      "--model.max_consecutive_skipped_steps", "5"])
+    assert not list(tmp_path.rglob("*.ckpt"))

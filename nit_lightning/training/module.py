@@ -42,7 +42,8 @@ class NiTModule(LightningModule):
         P_mean, P_std, direction_weight, reduction: FlowMatchingLoss settings (SPEC §3).
         on_nonfinite: "raise" (default) stops with the step and batch keys on a NaN/Inf loss; "skip" skips the
             optimiser step loudly and counts it (single process only), until more than max_skipped_steps_fraction
-            of trainer.max_steps were skipped: then the run stops (training/nonfinite.py).
+            of trainer.max_steps were skipped, or more than max_consecutive_skipped_steps in a row: then the run
+            stops (training/nonfinite.py).
         label_dropout: probability of replacing a label by the null class, or a caption by the null caption (length
             0), in the training step (CFG training).
         lr, betas, weight_decay, eps: AdamW (SPEC §6); never scaled by the GPU count.
@@ -73,6 +74,7 @@ class NiTModule(LightningModule):
         reduction: Literal["token", "image"] = "token",
         on_nonfinite: Literal["raise", "skip"] = "raise",
         max_skipped_steps_fraction: float = 0.01,
+        max_consecutive_skipped_steps: int = 10,
         label_dropout: float = 0.1,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -135,7 +137,8 @@ class NiTModule(LightningModule):
             on_nonfinite="report",  # the module decides: raise with step and keys, or skip loudly
             patch_size=self.net.config.patch_size,  # the direction term is a cosine per latent pixel
         )
-        self.nonfinite = NonFinitePolicy(on_nonfinite, max_skipped_steps_fraction)
+        self.nonfinite = NonFinitePolicy(on_nonfinite, max_skipped_steps_fraction,
+                                         max_consecutive_skipped_steps)
         self._configured = False
         if init_from is not None:
             from nit_lightning.models.official import load_official_checkpoint
@@ -262,6 +265,7 @@ class NiTModule(LightningModule):
                                   max_steps=max_steps)
             self.log("optim/skipped_steps", float(self.skipped_steps), batch_size=batch.num_images)
             return None
+        self.nonfinite.finite()
         B = batch.num_images
         # TensorBoard sorts tag groups by name: loss/, lr-AdamW, optim/, perf/ come before samples and data health.
         self.log("loss/train", loss.detach(), prog_bar=True, batch_size=B)

@@ -37,14 +37,11 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.failed and slurm_jobs.SUBMITTED:
+    # setup too: a job a shared fixture submitted (the reference run, the array sweep) that times out fails the setup
+    if report.when in ("setup", "call") and report.failed and slurm_jobs.SUBMITTED:
         report.sections.append(("SLURM jobs of this test", "\n".join(j.diagnostics() for j in slurm_jobs.SUBMITTED)))
-
-
-@pytest.fixture(autouse=True)
-def _forget_jobs():
-    slurm_jobs.SUBMITTED.clear()
-    yield
+    if report.when == "teardown":  # the next test's report names its own jobs (and the fixtures' it starts)
+        slurm_jobs.SUBMITTED.clear()
 
 
 @pytest.fixture(scope="session")
