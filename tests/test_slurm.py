@@ -122,6 +122,10 @@ def test_sample_eval_sharded_mode(tmp_path):
     assert code == 0, err
     assert "--sizes 320x960,416x768,480x640,640x480,768x416,960x320 --features featurenet:/f.pt" in calls
     assert "RANK=3 WORLD_SIZE=16 LOCAL_RANK=3 MASTER=gpu003:18456" in calls  # 15000 + 123456 % 10000
+    # the header's --array=0-5 left in place: six jobs would write one OUT; refused before any work
+    code, calls, err = _dry_run(tmp_path / "array", "sample_eval.sbatch", MODE="sharded", SLURM_ARRAY_TASK_COUNT="6",
+                                SLURM_JOB_ID="1", SLURM_JOB_NODELIST="gpu003")
+    assert code == 2 and "submit it with --array=0" in err and "nit_lightning sweep" not in calls
 
 
 # ---- Lightning's SLURM environment with our Trainer settings ------------------------------------------------------
