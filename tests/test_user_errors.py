@@ -61,7 +61,7 @@ def test_read_only_outputs_fail_before_any_work(read_only, tmp_path, monkeypatch
     assert "cannot write in the output folder" in one_line(capsys, "sample")
     assert main(["reference", "build", "--images", str(images), "--size", "32x32", "--out",
                  str(read_only / "ref.npz"), "--features", "featurenet:/nowhere.pt"]) == 2
-    one_line(capsys, "reference")
+    assert "is not a writable folder" in one_line(capsys, "reference")  # before the (missing) extractor is read
     shards = write_latent_shards(tmp_path / "shards", num_samples=8)
     monkeypatch.chdir(read_only)  # fit's checkpoints (outputs/debug/checkpoints) land in a read-only folder
     assert main(fit_args(shards, max_steps=2)) == 2
@@ -75,6 +75,9 @@ def test_an_output_file_that_is_a_folder_fails_before_the_work(tmp_path, capsys)
     assert main(["evaluate", "--samples", str(tmp_path), "--ref", str(tmp_path / "r.npz"), "--out", str(tmp_path),
                  "--features", "featurenet:/nowhere.pt"]) == 2
     assert f"--out {tmp_path} is a folder" in one_line(capsys, "evaluate")
+    assert main(["reference", "build", "--images", str(tmp_path), "--size", "32x32", "--out", str(tmp_path),
+                 "--features", "featurenet:/nowhere.pt"]) == 2
+    assert f"--out {tmp_path} is a folder" in one_line(capsys, "reference")
 
 
 def test_validate_with_a_truncated_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):

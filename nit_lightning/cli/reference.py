@@ -19,6 +19,7 @@ from nit_lightning.evaluation.reference import (
     reference_record,
     save_reference,
 )
+from nit_lightning.records.files import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.action == "build":
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_output_file(args.out)  # before loading the extractor: a wrong --out costs nothing
         extractor = load_feature_extractor(args.features, device=distributed.device_for(args.device),
                                            batch_size=args.batch_size)
         size = parse_size(args.size)
