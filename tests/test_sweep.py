@@ -17,7 +17,7 @@ from nit_lightning.evaluation.evaluate import evaluate_samples
 from nit_lightning.evaluation.extractors import load_feature_extractor
 from nit_lightning.evaluation.featurenet import FeatureNet, FeatureNetConfig, save_featurenet
 from nit_lightning.evaluation.reference import Reference, save_reference
-from nit_lightning.evaluation.sweep import run_sweep
+from nit_lightning.evaluation.sweep import run_sweep, write_results
 from nit_lightning.generation.settings import load_sweep
 
 
@@ -263,6 +263,15 @@ def test_partial_runs_and_parallel_tasks_keep_every_finished_row(tmp_path, featu
     rows = re.findall(r"^\| (\d+x\d+) \|", (out / "results.md").read_text(), flags=re.MULTILINE)
     assert rows == ["8x8", "16x16", "16x32", "32x16"]  # one row each, by height then width
     assert not list(out.glob("*.tmp"))
+
+    # a second task of the same setting that failed (e.g. on the sample folder's lock) does not replace the finished
+    # row; a failure with other settings does (its row says what this sweep now is)
+    finished = summary["results"]["8x8"]
+    failed = {"status": "failed", "config": finished["config"], "error": "RuntimeError: locked by another run"}
+    merged = write_results(out, {**summary, "results": {"8x8": failed}}, [])
+    assert merged["results"]["8x8"] == finished and merged["results"].keys() == summary["results"].keys()
+    other = {**failed, "config": {**finished["config"], "num": 20}}
+    assert write_results(out, {**summary, "results": {"8x8": other}}, [])["results"]["8x8"]["status"] == "failed"
 
 
 def _evaluate_on_rank_zero_only(rank, port, npz, ref, spec, results) -> None:

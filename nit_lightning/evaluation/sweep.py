@@ -132,7 +132,8 @@ def write_results(out: Path, summary: dict[str, Any], extra: list[str]) -> dict[
                 log.warning("sweep: %s/results.json is unreadable (%s): it is rewritten with this run's rows only",
                             out, error)
         mine = summary["results"]
-        summary["results"] = {**{k: v for k, v in previous.items() if k not in mine}, **mine}
+        summary["results"] = {**{k: v for k, v in previous.items() if k not in mine},
+                              **{k: _merged_row(k, v, previous.get(k)) for k, v in mine.items()}}
         write_json(out / "results.json", summary, indent=2)
         settings = sorted((setting_from_dict(r["config"]["setting"]) for r in summary["results"].values()),
                           key=lambda setting: setting.size)  # height, then width: the order of the paper's sweeps
@@ -140,6 +141,17 @@ def write_results(out: Path, summary: dict[str, Any], extra: list[str]) -> dict[
         write_text(out / "results.md", results_markdown(summary, settings, extra, others=_other_runs(summary, mine))
                    + figures)
     return summary
+
+
+def _merged_row(name: str, mine: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:
+    """This run's row, except where it failed and the table holds a finished row of the same settings (another
+    task of the same sweep, e.g. one that found the sample folder locked by the first): the finished row stays."""
+    if (mine.get("status") != "ok" and isinstance(theirs, dict) and theirs.get("status") == "ok"
+            and not differences(theirs.get("config") or {}, mine.get("config") or {})):
+        log.warning("sweep %s: this run did not finish it (%s); the table keeps the finished row of the same "
+                    "settings", name, mine.get("error", mine.get("status")))
+        return theirs
+    return mine
 
 
 def _other_runs(summary: dict[str, Any], mine: dict[str, Any]) -> list[str]:
