@@ -44,6 +44,20 @@ def parser(prog: str, description: str, renamed: dict[str, str] | None = None) -
     return p
 
 
+def dtype_name(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    """An argparse `type` for a dtype flag with `choices=allowed`: an old spelling (bf16, fp32) is refused naming the
+    torch name to write, where argparse alone would only say "invalid choice"."""
+    def dtype(value: str) -> str:
+        from nit_lightning.records.names import check_dtype_name  # torch: only once a dtype flag is parsed
+
+        try:
+            return check_dtype_name(value, allowed, "")
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+    return dtype
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
     """--threads N: torch intra-op threads (what `make ... THREADS=N` passes on)."""
     p.add_argument("--threads", type=int, default=None,

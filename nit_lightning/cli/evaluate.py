@@ -10,7 +10,7 @@ import torch
 
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import run_command
+from nit_lightning.cli.common import dtype_name, run_command
 from nit_lightning.evaluation.evaluate import evaluate_samples
 from nit_lightning.evaluation.sample_prompts import PROMPTS_FILE
 from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here (default: print them only)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda:N")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
-    p.add_argument("--feature-dtype", choices=("float32", "float64"), default="float32",
+    p.add_argument("--feature-dtype", choices=("float32", "float64"),
+                   type=dtype_name(("float32", "float64")), default="float32",
                    help="compute dtype of the feature network (default float32)")
-    p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32",
+    p.add_argument("--pr-dtype", choices=("float32", "float64"),
+                   type=dtype_name(("float32", "float64")), default="float32",
                    help="precision/recall distance dtype")
     p.add_argument("--allow-size-mismatch", action="store_true",
                    help="evaluate samples whose size differs from the reference's")

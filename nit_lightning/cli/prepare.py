@@ -7,7 +7,7 @@ import logging
 import time
 
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import run_command
+from nit_lightning.cli.common import dtype_name, run_command
 from nit_lightning.data.captions import CAPTIONS_HELP, MISSING_CAPTION
 from nit_lightning.data.codecs import CODEC_SPEC_HELP
 from nit_lightning.data.imageops import MODES_HELP
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="pixel:8", help=CODEC_SPEC_HELP + " (default: pixel:8, 192 channels, for debug "
                    "data; ImageNet takes --codec dcae:PATH, README 'Real weights and data')")
     p.add_argument("--codec-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   type=dtype_name(("float32", "bfloat16", "float16")),
                    help="compute dtype of the DC-AE encoder")
     p.add_argument("--labels", default=None, help="labels file for a flat folder: filename<TAB or comma>class "
                    "(default: none, the class sub-folders are the labels)")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0,
                    help="decode + resize processes feeding this process's codec (0: decode in this process)")
     p.add_argument("--latent-dtype", default="float16", choices=("float16", "bfloat16"),
+                   type=dtype_name(("float16", "bfloat16")),
                    help="storage dtype of the latents in the shards (default float16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun/srun) or cuda:N")
     p.add_argument("--batch-size", type=int, default=16,

@@ -22,7 +22,7 @@ from typing import Any
 
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import add_threads, apply_threads, run_command
+from nit_lightning.cli.common import add_threads, apply_threads, dtype_name, run_command
 from nit_lightning.data.sizes import ROUND_MODES, parse_sizes
 from nit_lightning.diffusion.sampling import METHODS
 from nit_lightning.generation.sample_set import SampleRun, run_sample
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, metavar="{auto," + ",".join(PRECISIONS) + "}",
                    help=f"model compute (default: {recipe} auto = bfloat16 autocast on CUDA, float32 on CPU)")
     p.add_argument("--integration-dtype", choices=INTEGRATION_DTYPES, default=None,
+                   type=dtype_name(INTEGRATION_DTYPES),
                    help=f"dtype of the sampler's state (default: {recipe} float64)")
     rope = p.add_mutually_exclusive_group()
     rope.add_argument("--rope-interp-side", type=int, default=None,

@@ -9,7 +9,7 @@ import torch
 
 from nit_lightning import distributed
 from nit_lightning.cli.common import parser as make_parser
-from nit_lightning.cli.common import add_threads, apply_threads, run_command
+from nit_lightning.cli.common import add_threads, apply_threads, dtype_name, run_command
 from nit_lightning.evaluation.extractors import SPEC_HELP, load_feature_extractor
 from nit_lightning.evaluation.sweep import run_sweep
 from nit_lightning.generation.pipeline import load_pipeline
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed: image i uses derive_seed(seed, i)")
     p.add_argument("--tokens-per-forward", type=int, default=16384, help="model tokens per forward (CFG counts twice)")
     p.add_argument("--codec", default=None, help="dcae:PATH / tinyae:PATH / pixel:F (default: the checkpoint's)")
-    p.add_argument("--pr-dtype", choices=("float32", "float64"), default="float32",
+    p.add_argument("--pr-dtype", choices=("float32", "float64"),
+                   type=dtype_name(("float32", "float64")), default="float32",
                    help="dtype of the precision/recall distances")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard scalars")
     add_threads(p)

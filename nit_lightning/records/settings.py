@@ -1,7 +1,8 @@
 """What made an output folder: one record per folder (or per finished part of one), checked before anything is added.
 
-Every stage that writes a folder (synth, prepare, sample, sweep, reference, demo, a fit's run directory) describes
-its work as a `SettingsRecord`: `settings` decide the bytes of the outputs and are compared; `info` says where things
+The stages that write a folder (synth, prepare, sample and prompt sets, reference, demo) describe their work as a
+`SettingsRecord` (a sweep reuses a finished setting only when its recorded config has no `differences`, else it
+redoes it; a fit's run directory is checked through its checkpoints' `CheckpointMeta`, training/provenance.py): `settings` decide the bytes of the outputs and are compared; `info` says where things
 came from (paths, weight file names) and is only recorded. `check` refuses a folder made with other settings with one
 message that names each differing key, old -> new, and what to do; `write` stores the record atomically.
 
