@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,28 @@ def test_a_second_run_into_a_held_folder_stops_naming_the_holder(tmp_path):
     with folder_lock(tmp_path, "sample"):  # the holder is dead: its lock is stale and taken over
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_stale_lock_is_taken_over_only_while_it_is_the_one_judged_stale(tmp_path):
+    """Two runs find the same dead holder's lock. The first removes it and takes the folder; the second, judging late,
+    must not remove the first run's new lock (a rename-aside without a check did, and both ran into one folder)."""
+    from nit_lightning.records.lock import remove_stale_lock
+
+    path = tmp_path / LOCK_NAME
+    dead = json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "what": "prepare"}).encode()
+    path.write_bytes(dead)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # the first run took the stale lock over
+        assert json.loads(path.read_text())["pid"] == holder.pid
+        assert not remove_stale_lock(path, dead)  # the late run's judgement no longer matches the file
+        assert json.loads(path.read_text())["pid"] == holder.pid
+        with pytest.raises(FolderBusy, match=rf"pid {holder.pid}"):  # and so it stops, as it should
+            acquire(tmp_path, "sample")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_lock(path, path.read_bytes()) and not path.exists()  # the judged lock itself is removed
 
 
 def test_a_lock_is_released_only_by_its_holder(tmp_path):

@@ -3,7 +3,8 @@
 `with folder_lock(out, "prepare"):` creates `out/.nit-lock` with O_EXCL (atomic on local and NFSv3+ filesystems) holding
 {pid, host, started, command, process start time}. A second run into the same folder stops at once with one message
 naming the holder and what to do. A lock whose process is dead (same host: no such pid, or the pid now belongs to a
-process started later) is stale: it is moved aside atomically, so of two runs that find it stale only one takes over.
+process started later) is stale: it is removed under a takeover flock (`.nit-lock.takeover`, kept), and only if it
+is still the very lock judged stale, so a run that judged late cannot remove the lock another run has just taken.
 A lock held from another host cannot be checked from here (the message says how to remove it by hand), except the lock
 of an earlier run of the same SLURM job (a requeued job may come back on another node).
 """
@@ -82,13 +83,33 @@ def _describe(holder: dict[str, Any]) -> str:
             f"{holder.get('started')}: {holder.get('command', '?')})")
 
 
-def _read_holder(path: Path) -> dict[str, Any] | None:
+def _read_lock(path: Path) -> tuple[dict[str, Any] | None, bytes]:
+    """The holder recorded in the lock file and the file's bytes; (None, b"") when there is none."""
     try:
-        return json.loads(path.read_text())
+        raw = path.read_bytes()
+        return json.loads(raw), raw
     except FileNotFoundError:
-        return None
+        return None, b""
     except (OSError, ValueError):  # a lock being written this instant, or damaged: treat as held by an unknown run
-        return {"pid": -1, "host": "?", "started": "?", "what": "an unknown run (unreadable lock file)"}
+        return {"pid": -1, "host": "?", "started": "?", "what": "an unknown run (unreadable lock file)"}, b"?"
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    return _read_lock(path)[0]
+
+
+def remove_stale_lock(path: Path, judged: bytes) -> bool:
+    """Remove the lock at `path` if it still holds exactly the bytes judged stale. Serialised by a flock, so that of
+    two runs that judged the same dead holder, the second cannot remove the lock the first has taken meanwhile (a
+    plain rename-aside could: it moved whatever lock was there by then)."""
+    with waiting_lock(path.with_name(f"{path.name}.takeover")):
+        try:
+            if path.read_bytes() != judged:
+                return False  # gone, or another run's lock by now: judged again on the next try
+        except FileNotFoundError:
+            return False
+        path.unlink()
+        return True
 
 
 def acquire(folder: str | Path, what: str) -> Path:
@@ -101,15 +122,12 @@ def acquire(folder: str | Path, what: str) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            holder = _read_holder(path)
+            holder, raw = _read_lock(path)
             if holder is None:
                 continue  # released between our two calls: try again
             alive = False if is_mine(holder) else holder_is_alive(holder)
             if alive is False:
-                aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
-                with contextlib.suppress(FileNotFoundError):  # another run moved it first: it goes on to race us
-                    os.replace(path, aside)
-                    aside.unlink()
+                if remove_stale_lock(path, raw):
                     log.warning("%s: removed the stale lock of %s, whose process is gone", folder, _describe(holder))
                 continue
             where = ("" if alive else f" on another host; if that run is gone, delete {path}")
