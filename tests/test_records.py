@@ -188,6 +188,28 @@ def test_a_stale_lock_is_taken_over_only_while_it_is_the_one_judged_stale(tmp_pa
         holder.kill()
         holder.wait()
     assert remove_stale_lock(path, path.read_bytes()) and not path.exists()  # the judged lock itself is removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # and the takeover lock leaves no file behind
+
+
+def test_a_transient_lock_serialises_holders_and_leaves_no_file(tmp_path):
+    """Three processes take the same transient lock in turn (each deletes the file as it lets go): none may be inside
+    at the same time as another, which a waiter that locked a deleted file would be."""
+    script = textwrap.dedent("""
+        import os, sys, time
+        from nit_lightning.records.lock import transient_lock
+        for _ in range(20):
+            with transient_lock(sys.argv[1]):
+                fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # fails if another is inside
+                time.sleep(0.002)
+                os.close(fd)
+                os.unlink(sys.argv[2])
+    """)
+    lock, inside = tmp_path / "t.lock", tmp_path / "inside"
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(lock), str(inside)], stderr=subprocess.PIPE, text=True)
+            for _ in range(3)]
+    errors = [run.communicate(timeout=60)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], errors
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_lock_is_released_only_by_its_holder(tmp_path):
