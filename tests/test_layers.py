@@ -68,3 +68,10 @@ def test_no_upward_imports():
 def test_each_folder_says_what_lives_there(package):
     doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
     assert doc and len(doc) > 40, f"nit_lightning/{package}/__init__.py needs a docstring saying what lives there"
+
+
+def test_files_stay_small():
+    """DESIGN: small files with one job. A file past 300 lines is doing two; split it along its jobs."""
+    long = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 300]
+    assert not long, "files past 300 lines:\n" + "\n".join(long)

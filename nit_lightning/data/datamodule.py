@@ -10,15 +10,8 @@ import lightning as L
 from nit_lightning import distributed
 from nit_lightning.data.caption_packing import apply_caption_cost, check_caption_token_cost
 from nit_lightning.data.epochs import EpochPlan, Source, build_plan, load_sources
-from nit_lightning.data.loader import (
-    ON_ERROR,
-    EpochStart,
-    LoaderStats,
-    PackDataset,
-    PackLoader,
-    PredictPacks,
-    check_order_in_pack,
-)
+from nit_lightning.data.loader import (ON_ERROR, EpochStart, LoaderStats, PackDataset, PackLoader, PredictPacks,
+                                      check_order_in_pack)
 from nit_lightning.data.resume import continue_plan
 from nit_lightning.data.shards import content_fingerprint
 from nit_lightning.records import plain
@@ -132,6 +125,7 @@ class NativeLatentDataModule(L.LightningDataModule):
         """{source path: content fingerprint of its shards} (data/shards.py): the data's identity, not its address."""
         return {str(source.path.resolve()): source.index.get("content_sha256") or content_fingerprint(source.index)
                 for source in self._sources["train"]}
+
     def trained_tokens(self) -> list[int] | None:
         """[fewest, most] tokens of one training image (index.json lengths at the patch size, sources of weight > 0):
         the token grids a checkpoint was trained on (records.SamplingRecipe)."""

@@ -2,8 +2,6 @@
 packed batches (SPEC §3, §6, §10): one training step for both conditionings."""
 from __future__ import annotations
 
-import hashlib
-import logging
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -16,17 +14,11 @@ from nit_lightning.records import CheckpointMeta, SamplingRecipe, plain
 from nit_lightning.training.checkpoints import checkpoint_dir_of
 from nit_lightning.training.compile import compile_net, resolve_compile_mode
 from nit_lightning.training.encoders import repa_layer_for
+from nit_lightning.training.net_setup import checkpoint_blocks, init_from_official, net_config_for_data
 from nit_lightning.training.nonfinite import NonFinitePolicy
-from nit_lightning.training.optim import adamw_with_schedule, clip_unscaled_gradients
+from nit_lightning.training.optim import adamw_with_schedule, check_optim_args, clip_unscaled_gradients
+from nit_lightning.training.seeds import step_seed
 from nit_lightning.training.text_condition import text_conditioner_for
-
-log = logging.getLogger(__name__)
-
-def step_seed(seed: int, rank: int, step: int, micro: int = 0, stream: str = "train") -> int:
-    """A 63-bit seed from (seed, rank, optimiser step, micro-batch): every rank and step draws different noise."""
-    digest = hashlib.sha256(f"nit/{stream}/{seed}/{rank}/{step}/{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
 
 class NiTModule(LightningModule):
     """Flow-matching training of the NiT built from `net` = {"name": preset, **NiTConfig overrides} by `build_nit`, or
@@ -100,31 +92,15 @@ class NiTModule(LightningModule):
         from nit_lightning.models import T2I_PRESETS, build_nit, build_nit_t2i
 
         self.save_hyperparameters()
-        net = dict(net)
-        if "name" not in net:
-            raise ValueError(f"model.net needs a preset 'name' (e.g. NiT-B, NiT-debug), got keys {sorted(net)}")
-        if latent_channels is not None:
-            given = net.get("in_channels")
-            if given is not None and int(given) != int(latent_channels):
-                raise ValueError(
-                    f"model.net.in_channels={given} but the data's latents have {latent_channels} channels; "
-                    "drop model.net.in_channels (it is filled in from the data) or point data at matching shards"
-                )
-            net["in_channels"] = int(latent_channels)
+        net = net_config_for_data(net, latent_channels)
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not lr > 0:
-            raise ValueError(f"model.lr={lr} must be > 0")
+        check_optim_args(lr, warmup_steps, lr_schedule, lr_min_ratio)
         self.compile_mode = resolve_compile_mode(compile, compile_blocks)
         if sampler is not None:  # a misspelt key fails here, not when someone samples the finished run
             from nit_lightning.generation.settings import SamplerSettings
 
             SamplerSettings.from_dict(plain(sampler), where="model.sampler")
-        if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
-                             f"{lr_schedule!r}, {lr_min_ratio}")
         self.text = text_conditioner_for(net, text_encoder, T2I_PRESETS)
         self.net = (build_nit_t2i if self.text is not None else build_nit)(net.pop("name"), **net)
 
@@ -141,13 +117,7 @@ class NiTModule(LightningModule):
                                          max_consecutive_skipped_steps)
         self._configured = False
         if init_from is not None:
-            from nit_lightning.models.official import load_official_checkpoint
-
-            if getattr(self.net.config, "rope_layout", None) != "reference":
-                log.warning("init_from=%s with rope_layout=%r: official weights were trained with rope_layout "
-                            "'reference' (SPEC §1.1)", init_from, getattr(self.net.config, "rope_layout", None))
-            report = load_official_checkpoint(self.net, init_from)
-            log.info("init_from %s: %s", init_from, report)
+            init_from_official(self.net, init_from)
 
     # ---- building ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -155,13 +125,8 @@ class NiTModule(LightningModule):
         if self._configured:
             return
         self._configured = True
-        blocks = getattr(self.net, "blocks", None)
         if self.hparams.activation_checkpointing:
-            if blocks is None:
-                raise AttributeError("the network has no `blocks` ModuleList to checkpoint")
-            for block in blocks:
-                # An instance attribute overrides forward without renaming parameters (state-dict keys unchanged).
-                block.forward = _checkpointed(block.forward)
+            checkpoint_blocks(self.net)
         # In place: keys stay `blocks.i.*`, no `_orig_mod.` prefix.
         compile_net(self.net, self.compile_mode, backend=self.hparams.compile_backend)
 
@@ -331,13 +296,3 @@ class NiTModule(LightningModule):
     def skipped_steps(self) -> int:
         """Optimiser steps skipped for a non-finite loss so far (on_nonfinite=skip), resumed with the run."""
         return self.nonfinite.skipped
-
-
-def _checkpointed(forward: Any) -> Any:
-    """Wrap a block's forward in non-reentrant activation checkpointing (recompute in backward)."""
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run

@@ -8,6 +8,17 @@ from typing import Any, Iterable, Mapping
 import torch
 
 
+def check_optim_args(lr: float, warmup_steps: int, lr_schedule: str, lr_min_ratio: float) -> None:
+    """Refuse settings of the optimiser and its schedule that cannot be meant, when the module is built."""
+    if not lr > 0:
+        raise ValueError(f"model.lr={lr} must be > 0")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if lr_schedule not in ("constant", "cosine") or not 0.0 <= lr_min_ratio <= 1.0:
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and lr_min_ratio in [0, 1], got "
+                         f"{lr_schedule!r}, {lr_min_ratio}")
+
+
 def lr_factor(step: int, *, warmup: int, total: int, cosine: bool, floor: float) -> float:
     """Multiplier of the base lr at optimiser step `step`: linear warm-up, then 1 (constant) or a cosine to `floor`."""
     if step < warmup:
