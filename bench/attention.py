@@ -67,7 +67,7 @@ def row(name: str, train: bool, sec: tuple[float, float], tokens: int, pad: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--preset", default="NiT-S")
     ap.add_argument("--blocks", type=int, default=2, help="blocks in the stack (NiT-S has 12; 2 keeps a 2-core CPU run short)")
     ap.add_argument("--tokens", type=int, default=8192)

@@ -239,7 +239,7 @@ def modulation_variants(width: int, tokens: int, reps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--widths", default="NiT-S,NiT-XL", help="presets whose block width to profile")
     parser.add_argument("--tokens", type=int, default=4096, help="pack budget (ImageNet-like native grids)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per setting (median)")

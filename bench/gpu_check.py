@@ -442,7 +442,7 @@ def run_e2e(args: argparse.Namespace, training: list[dict], timeout: float) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--out", default="outputs/gpu_check.json")
     parser.add_argument("--jsonl", default="outputs/gpu_check.jsonl", help="results appended as they come")
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,

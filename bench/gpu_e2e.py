@@ -108,7 +108,7 @@ def last_logged(csv_path: Path, keys: tuple[str, ...]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--work", required=True, help="scratch folder (images, shards, logs, checkpoints, samples)")
     parser.add_argument("--out", required=True, help="JSON-lines file the results are appended to")
     parser.add_argument("--device", default="cuda")

@@ -141,7 +141,7 @@ def loader_table(num: int, budget: int = 16384) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--samples", type=int, default=384_000, help="samples for the method comparison")
     parser.add_argument("--big", type=int, default=3_800_000, help="samples for the LPFHP timing (3 × ImageNet)")
     parser.add_argument("--loader-samples", type=int, default=3000, help="samples written to temporary shards")

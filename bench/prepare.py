@@ -172,7 +172,7 @@ def shard_digests(out: Path, prefix: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--samples-per-shard", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -78,7 +78,7 @@ def time_interleaved(steps: dict, rounds: int, warmup: int, device: torch.device
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="NiT-S", choices=sorted(PRESETS))
     parser.add_argument("--depth", type=int, default=None, help="blocks (default: 2 on CPU, the preset's on CUDA)")

@@ -59,3 +59,19 @@ def test_a_sweep_file_with_an_old_key_or_dtype_is_refused(tmp_path):
     path.write_text("name: s\nsettings:\n  - {size: 64x64, method: euler, steps: 2, precision: bf16}\n")
     with pytest.raises(ValueError, match="'bf16' is now spelled 'bfloat16'"):
         load_sweep(path)
+
+
+def test_bench_scripts_take_no_abbreviated_flags():
+    """The benches print tables that are quoted in the docs: `--step 5` must not quietly mean `--steps 5`."""
+    import ast
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    loose = []
+    for path in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "ArgumentParser":
+                strict = any(k.arg == "allow_abbrev" and getattr(k.value, "value", True) is False for k in node.keywords)
+                if not strict:
+                    loose.append(f"{path.name}:{node.lineno}")
+    assert not loose, f"argument parsers that accept abbreviations (add allow_abbrev=False): {loose}"
