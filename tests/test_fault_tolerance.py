@@ -308,7 +308,8 @@ def test_requeue_calls_scontrol_under_slurm(tmp_path, no_slurm, monkeypatch):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
+def _fit(cwd: Path, shards: Path, *extra: str, new_session: bool = False,
+         launcher: list[str] | None = None) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     # one thread: with several, MKL picks its thread count by machine load (MKL_DYNAMIC), which changes gemm
@@ -322,8 +323,9 @@ def _fit(cwd: Path, shards: Path, *extra: str) -> subprocess.Popen:
     ]
     log_file = open(cwd / "fit.log", "ab")
     # the real entry point: NiTCLI.before_fit runs auto_resume_for_cli (pins NIT_CKPT_DIR, picks the checkpoint)
-    return subprocess.Popen([sys.executable, "-m", "nit_lightning", *args], cwd=cwd, env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, *(launcher or []), "-m", "nit_lightning", *args], cwd=cwd, env=env,
+                            stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=new_session)
 
 
 def _state(path: Path) -> dict:
@@ -465,6 +467,18 @@ def _wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 300) 
         time.sleep(0.05)
 
 
+def _processes_in_group(group: int) -> list[int]:
+    """The pids of a process group's members (Linux /proc; field 5 of stat is the group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group:
+                members.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return members
+
+
 def _marks(cwd: Path) -> list[str]:
     """A second ModelCheckpoint saving every step: its files tell the test how far training is."""
     return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={cwd}/marks",
@@ -509,6 +523,54 @@ def test_ctrl_c_during_fit_saves_then_exits_130(tmp_path):
     assert code == 130, log[-3000:]
     saved = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert saved >= 3 and f"at global step {saved}" in log and "stopped by Ctrl-C" in log
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_with_loader_workers_saves_and_leaves_no_process(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group: the loader's worker processes get SIGINT too.
+    The run must still save and exit 130 in one line, without a worker's KeyboardInterrupt traceback, and no worker
+    may outlive it."""
+    shards = tmp_path / "shards"
+    write_latent_shards(shards, num_samples=32)  # 4 shards: at least one per worker
+    run = _fit(tmp_path / "run", shards, "--trainer.max_steps=10000", "--data.num_workers=2",
+               *_marks(tmp_path / "run"), new_session=True)  # its own process group, like a shell's foreground job
+    _wait_for(tmp_path / "run" / "marks" / "*step=3*.ckpt", run)
+    group = os.getpgid(run.pid)
+    assert len(_processes_in_group(group)) >= 3, "the run and its two loader workers"
+    os.killpg(group, signal.SIGINT)
+    code = run.wait(300)
+    log = (tmp_path / "run" / "fit.log").read_text()
+    assert code == 130, log[-3000:]
+    assert "stopped by Ctrl-C" in log and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    saved = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved >= 3 and f"at global step {saved}" in log
+    with pytest.raises(ProcessLookupError):  # every process of the group is gone, workers included
+        os.killpg(group, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_ctrl_c_at_the_terminal_stops_two_ddp_ranks_at_one_step_with_last_ckpt_saved(tmp_path, launcher):
+    """Two DDP ranks (gloo, CPU), launched by Lightning (`--trainer.devices 2`) or by torchrun, all in one process
+    group that gets the terminal's SIGINT (torchrun also forwards one to its workers). Both ranks stop at the same
+    step, last.ckpt of that step is saved, and no process outlives the run. Lightning's launch exits 130; torchrun
+    reports any signal as its own failure (a SignalException traceback, exit 1) after the ranks have saved."""
+    shards = tmp_path / "shards"
+    write_latent_shards(shards, num_samples=64)
+    ddp = ["--trainer.max_steps=10000", "--trainer.devices=2", "--trainer.strategy=ddp", *_marks(tmp_path / "run")]
+    prefix = ["-m", "torch.distributed.run", "--nproc-per-node=2"] if launcher == "torchrun" else []
+    run = _fit(tmp_path / "run", shards, *ddp, new_session=True, launcher=prefix)
+    _wait_for(tmp_path / "run" / "marks" / "*step=3*.ckpt", run)
+    group = os.getpgid(run.pid)
+    os.killpg(group, signal.SIGINT)
+    code = run.wait(300)
+    log = (tmp_path / "run" / "fit.log").read_text()
+    assert code == (1 if launcher == "torchrun" else 130), log[-3000:]
+    saved = torch.load(tmp_path / "run" / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved >= 3 and log.count(f"saving {tmp_path / 'run' / 'ckpt' / 'last.ckpt'} at global step {saved}") == 2
+    assert "stopped by Ctrl-C (SIGINT); exit code 130" in log, log[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
 
 
 @pytest.mark.slow

@@ -49,6 +49,20 @@ class NiTCLI(LightningCLI):
         # NiTModule then fills in net.in_channels or fails naming both values when they disagree.
         parser.link_arguments("data.latent_channels", "model.latent_channels", apply_on="instantiate")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # rank 0 returns only when the ranks it launched itself have (training/launched_ranks.py)
+        from nit_lightning.training.launched_ranks import AFTER_FAILURE_S, AFTER_SUCCESS_S, wait_for_launched_ranks
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:  # RequeueOnSignal's stop: every rank saved and is leaving
+            wait_for_launched_ranks(self.trainer, AFTER_SUCCESS_S)
+            raise
+        except BaseException:
+            wait_for_launched_ranks(self.trainer, AFTER_FAILURE_S)
+            raise
+        wait_for_launched_ranks(self.trainer, AFTER_SUCCESS_S)
+
     def _subconfig(self) -> Any:
         return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
 
