@@ -3,7 +3,7 @@ learned autoencoder (data/tinyae.py) for CPU runs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -275,3 +275,17 @@ def resolve_codec(
     if fallback is None:
         raise ValueError(missing)
     return codec_from_description(dict(fallback), device=device), fallback_name
+
+
+@runtime_checkable
+class DescribesItsCodec(Protocol):
+    """A datamodule whose latents say which codec made them (NativeLatentDataModule: from the shards' index.json):
+    the interface through which training finds the codec to record in checkpoints and to decode sample grids."""
+
+    codec_description: dict[str, Any] | None
+
+
+def codec_description_of(datamodule: Any) -> dict[str, Any] | None:
+    """The codec description of a datamodule that has one (`DescribesItsCodec`), else None."""
+    return dict(datamodule.codec_description) if isinstance(datamodule, DescribesItsCodec) and \
+        datamodule.codec_description is not None else None

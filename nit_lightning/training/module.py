@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from nit_lightning.data.batch import PackedBatch
+from nit_lightning.data.codecs import codec_description_of
 from nit_lightning.data.datamodule import NativeLatentDataModule
 from nit_lightning.records import CheckpointMeta, SamplingRecipe, plain
 from nit_lightning.training.checkpoints import checkpoint_dir_of
@@ -207,9 +208,8 @@ class NiTModule(LightningModule):
         if self._repa_encoder is None:
             from nit_lightning.training.encoders import load_repa_encoder
 
-            dm = self.trainer.datamodule
-            codec = dm.codec_description if isinstance(dm, NativeLatentDataModule) else None
-            self._repa_encoder = load_repa_encoder(self.repa_encoder_path, codec=codec,
+            self._repa_encoder = load_repa_encoder(self.repa_encoder_path,
+                                                   codec=codec_description_of(self.trainer.datamodule),
                                                    patch_size=self.net.config.patch_size, device=self.device)
         return self._repa_encoder(batch.x, batch.hw)
 
@@ -274,7 +274,7 @@ class NiTModule(LightningModule):
         described = isinstance(dm, NativeLatentDataModule)
         return CheckpointMeta(
             net_config=asdict(self.net.config),
-            codec=dict(dm.codec_description) if described and dm.codec_description is not None else None,
+            codec=codec_description_of(dm),
             patch_size=int(self.net.config.patch_size),
             latent_channels=int(self.net.config.in_channels),
             data=dm.provenance() if described else None,

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from nit_lightning.data.codecs import Codec, resolve_codec
+from nit_lightning.data.codecs import Codec, codec_description_of, resolve_codec
 from nit_lightning.generation.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ class SamplingCallback(EveryNStepsCallback):
     def codec(self, trainer: Trainer) -> Codec:
         """The codec given to the callback, else the one recorded in the datamodule's shards (resolved once)."""
         if self._codec is None:
-            description = getattr(getattr(trainer, "datamodule", None), "codec_description", None)
+            description = codec_description_of(getattr(trainer, "datamodule", None))
             self._codec = resolve_codec(self.codec_arg, description, fallback_name="datamodule", missing=(
                 f"{type(self).__name__} needs a codec to decode latents: pass codec='pixel:F' / 'dcae:PATH' / "
-                "'tinyae:PATH' or use a datamodule with `codec_description`"))[0]
+                "'tinyae:PATH' or use a datamodule whose shards record theirs (NativeLatentDataModule)"))[0]
         return self._codec
 
     @contextlib.contextmanager
