@@ -26,7 +26,7 @@ from nit_lightning.evaluation.sweep_figures import write_sweep_figures
 from nit_lightning.generation.pipeline import Pipeline
 from nit_lightning.generation.sample_set import write_sample_set
 from nit_lightning.generation.settings import Sweep, SizeSetting, setting_from_dict, upgrade_sampler_record
-from nit_lightning.records import differences, plain, read_json, write_json, write_text
+from nit_lightning.records import SettingsRecord, plain, read_json, write_json, write_text
 from nit_lightning.records.lock import waiting_lock
 from nit_lightning.records.names import WEIGHTS_DOCS
 
@@ -68,7 +68,7 @@ def run_sweep(sweep: Sweep, *, ref_dir: str | Path, out: str | Path, num: int, e
             recorded = dict(previous.get("config") or {})
             if isinstance(recorded.get("setting"), dict):  # a result written before one spelling per setting
                 recorded["setting"] = upgrade_sampler_record(recorded["setting"])
-            if not differences(recorded, config) and previous.get("status") == "ok":
+            if SettingsRecord("sweep-result", config).same_as(recorded) and previous.get("status") == "ok":
                 log.info("sweep %s: reusing the finished result in %s", name, done_file)
                 results[name] = previous
                 continue
@@ -147,7 +147,7 @@ def _merged_row(name: str, mine: dict[str, Any], theirs: dict[str, Any] | None) 
     """This run's row, except where it failed and the table holds a finished row of the same settings (another
     task of the same sweep, e.g. one that found the sample folder locked by the first): the finished row stays."""
     if (mine.get("status") != "ok" and isinstance(theirs, dict) and theirs.get("status") == "ok"
-            and not differences(theirs.get("config") or {}, mine.get("config") or {})):
+            and SettingsRecord("sweep-result", mine.get("config") or {}).same_as(theirs.get("config"))):
         log.warning("sweep %s: this run did not finish it (%s); the table keeps the finished row of the same "
                     "settings", name, mine.get("error", mine.get("status")))
         return theirs

@@ -1,8 +1,8 @@
 """What made an output folder: one record per folder (or per finished part of one), checked before anything is added.
 
 The stages that write a folder (synth, prepare, sample and prompt sets, reference, demo) describe their work as a
-`SettingsRecord` (a sweep reuses a finished setting only when its recorded config has no `differences`, else it
-redoes it; a fit's run directory is checked through its checkpoints' `CheckpointMeta`, training/provenance.py): `settings` decide the bytes of the outputs and are compared; `info` says where things
+`SettingsRecord` (a sweep reuses a finished setting's result only when its record is `same_as` the setting asked
+for, else it redoes it; a fit's run directory is checked through its checkpoints' `CheckpointMeta`, training/provenance.py): `settings` decide the bytes of the outputs and are compared; `info` says where things
 came from (paths, weight file names) and is only recorded. `check` refuses a folder made with other settings with one
 message that names each differing key, old -> new, and what to do; `write` stores the record atomically.
 
@@ -100,6 +100,12 @@ class SettingsRecord:
                                    "outputs; use another folder")
         info = {k: v for k, v in content.items() if k not in ("kind", "version", "settings")}
         return cls(found or "", dict(content["settings"]), info, int(content.get("version", 1)))
+
+    def same_as(self, recorded: Mapping[str, Any] | None, *,
+                ignore: frozenset[str] | set[str] = frozenset()) -> bool:
+        """Whether `recorded` settings equal ours: for outputs that are redone, not refused, when they differ (a
+        sweep's per-setting result is a cache of its sample set's metrics)."""
+        return not differences(recorded, self.settings, ignore=ignore)
 
     def refuse_if_different(self, recorded: Mapping[str, Any] | None, *, where: str | Path, what: str, remedy: str,
                             labels: Mapping[str, str] | None = None,
