@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from nit_lightning.records.settings import differences
+
 log = logging.getLogger(__name__)
 
 META_KEY = "nit_meta"
@@ -137,6 +139,12 @@ class CheckpointMeta:
     def recipe(self) -> SamplingRecipe:
         """The sampling recipe training recorded (empty for official weights and checkpoints from before it)."""
         return SamplingRecipe.from_dict(self.sampling)
+
+    def net_differences(self, net_config: Mapping[str, Any], *, ignore: frozenset[str] = frozenset()
+                        ) -> dict[str, tuple[Any, Any]]:
+        """{key: (recorded, now)} for the network config keys this checkpoint and `net_config` both have and disagree
+        on (a key only one side knows is a version apart, not a difference): what a resume refuses."""
+        return differences(self.net_config, net_config, only_shared=True, ignore=ignore)
 
     # ---- writing -------------------------------------------------------------------------------------------------
     def store(self, checkpoint: dict[str, Any], checkpoint_dir: str | Path | None = None) -> None:

@@ -79,7 +79,7 @@ def check_resume(ckpt_path: str | Path, model: LightningModule, data: Mapping[st
     meta = CheckpointMeta.from_checkpoint(header, ckpt_path) if META_KEY in header else None
     net_now = getattr(getattr(model, "net", None), "config", None)
     if meta is not None and net_now is not None:
-        net = differences(meta.net_config, asdict(net_now), skip=NET_RUNTIME)
+        net = meta.net_differences(asdict(net_now), ignore=NET_RUNTIME)
     else:  # not a NiT checkpoint of ours: the raw `net` dicts are all there is
         net = differences(saved_hparams, dict(model.hparams), skip=frozenset(saved_hparams) - {"net"})
     hparams = differences(saved_hparams, dict(model.hparams), skip=NOT_HPARAMS | RUN_SETTINGS)
