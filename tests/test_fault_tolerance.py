@@ -558,7 +558,7 @@ def test_ctrl_c_at_the_terminal_stops_two_ddp_ranks_at_one_step_with_last_ckpt_s
     shards = tmp_path / "shards"
     write_latent_shards(shards, num_samples=64)
     ddp = ["--trainer.max_steps=10000", "--trainer.devices=2", "--trainer.strategy=ddp", *_marks(tmp_path / "run")]
-    prefix = ["-m", "torch.distributed.run", "--nproc-per-node=2"] if launcher == "torchrun" else []
+    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if launcher == "torchrun" else []
     run = _fit(tmp_path / "run", shards, *ddp, new_session=True, launcher=prefix)
     _wait_for(tmp_path / "run" / "marks" / "*step=3*.ckpt", run)
     group = os.getpgid(run.pid)
