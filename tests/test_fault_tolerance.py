@@ -591,3 +591,20 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert code == 130, log[-3000:]
     assert "SIGINT again: stopping at once, without saving" in log and "RequeueOnSignal: SIGINT" not in log
     assert not (tmp_path / "run" / "ckpt" / "last.ckpt").exists()
+
+
+def test_rank_0_waits_for_the_ranks_it_launched_and_kills_one_that_hangs(caplog):
+    """training/launched_ranks.py: a rank that ends is waited for; one still running at the deadline is killed."""
+    import time
+    from types import SimpleNamespace
+
+    from nit_lightning.training.launched_ranks import wait_for_launched_ranks
+
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[quick, hung])))
+    start = time.monotonic()
+    wait_for_launched_ranks(trainer, timeout=2.0)
+    assert quick.returncode == 0 and hung.returncode is not None and hung.returncode < 0
+    assert time.monotonic() - start < 10 and f"rank process {hung.pid} still runs" in caplog.text
+    wait_for_launched_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)), timeout=1.0)  # srun/torchrun
