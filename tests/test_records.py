@@ -191,14 +191,14 @@ def test_a_stale_lock_is_taken_over_only_while_it_is_the_one_judged_stale(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # and the takeover lock leaves no file behind
 
 
-def test_a_transient_lock_serialises_holders_and_leaves_no_file(tmp_path):
-    """Three processes take the same transient lock in turn (each deletes the file as it lets go): none may be inside
+def test_a_self_removing_lock_serialises_holders_and_leaves_no_file(tmp_path):
+    """Three processes take the same self-removing lock in turn (each deletes the file as it lets go): none may be inside
     at the same time as another, which a waiter that locked a deleted file would be."""
     script = textwrap.dedent("""
         import os, sys, time
-        from nit_lightning.records.lock import transient_lock
+        from nit_lightning.records.lock import waiting_lock
         for _ in range(20):
-            with transient_lock(sys.argv[1]):
+            with waiting_lock(sys.argv[1], remove_after=True):
                 fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # fails if another is inside
                 time.sleep(0.002)
                 os.close(fd)

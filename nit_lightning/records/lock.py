@@ -4,7 +4,8 @@
 {pid, host, started, command, process start time}. A second run into the same folder stops at once with one message
 naming the holder and what to do. A lock whose process is dead (same host: no such pid, or the pid now belongs to a
 process started later) is stale: it is removed under a takeover flock (`.nit-lock.takeover`, deleted again by its
-holder, so a folder keeps no litter), and only if it is still the very lock judged stale, so a run that judged late cannot remove the lock another run has just taken.
+holder, so a folder keeps no litter), and only if it is still the very lock judged stale, so a run that judged late
+cannot remove the lock another run has just taken.
 A lock held from another host cannot be checked from here (the message says how to remove it by hand), except the lock
 of an earlier run of the same SLURM job (a requeued job may come back on another node).
 """
@@ -102,7 +103,7 @@ def remove_stale_lock(path: Path, judged: bytes) -> bool:
     """Remove the lock at `path` if it still holds exactly the bytes judged stale. Serialised by a flock, so that of
     two runs that judged the same dead holder, the second cannot remove the lock the first has taken meanwhile (a
     plain rename-aside could: it moved whatever lock was there by then)."""
-    with transient_lock(path.with_name(f"{path.name}.takeover")):
+    with waiting_lock(path.with_name(f"{path.name}.takeover"), remove_after=True):
         try:
             if path.read_bytes() != judged:
                 return False  # gone, or another run's lock by now: judged again on the next try
@@ -165,38 +166,31 @@ def folder_lock(folder: str | Path, what: str, *, enabled: bool = True) -> Itera
 
 
 @contextlib.contextmanager
-def waiting_lock(path: str | Path) -> Iterator[None]:
+def waiting_lock(path: str | Path, *, remove_after: bool = False) -> Iterator[None]:
     """An exclusive lock on `path` held for the block, waiting for it (flock: the kernel releases it if the holder
     dies). For short read-merge-write sections that concurrent runs share on purpose (array tasks adding rows to one
-    table), where `folder_lock` would refuse the second run."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    table), where `folder_lock` would refuse the second run.
 
-
-@contextlib.contextmanager
-def transient_lock(path: str | Path) -> Iterator[None]:
-    """Like `waiting_lock`, but the lock file is deleted when the block ends. Safe because a waiter, once it has the
-    flock, checks that the file it locked is still the one at `path`: one that was deleted meanwhile is left for a
-    fresh file (the usual open, flock, compare-inodes loop)."""
+    `remove_after`: the lock file is deleted when the block ends (no litter in a folder the user lists). Safe because
+    a waiter, once it has the flock, checks that the file it locked is still the one at `path`; one deleted meanwhile
+    is let go for the current file (the usual open, flock, compare-inodes loop)."""
     path = Path(path)
     while True:
-        handle = open(path, "a")
-        try:
+        with open(path, "a") as handle:  # closing drops the flock
             fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
+            if remove_after and not _still_at(path, handle.fileno()):
                 continue  # the previous holder deleted the file we waited on: lock the current one
             try:
                 yield
             finally:
-                path.unlink(missing_ok=True)  # before the flock drops, so no one can lock this file after it
+                if remove_after:
+                    path.unlink(missing_ok=True)  # before the flock drops, so no one can lock this file after it
             return
-        finally:
-            handle.close()  # closing drops the flock
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    """Whether the open file `fd` is the file now at `path` (not deleted or replaced since it was opened)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:  # gone (ENOENT), or deleted by another NFS client (ESTALE): not the current file
+        return False
