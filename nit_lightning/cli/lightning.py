@@ -55,11 +55,8 @@ class NiTCLI(LightningCLI):
 
         try:
             super()._run_subcommand(subcommand)
-        except SystemExit:  # RequeueOnSignal's stop: every rank saved and is leaving
-            wait_for_launched_ranks(self.trainer, AFTER_SUCCESS_S)
-            raise
-        except BaseException:
-            wait_for_launched_ranks(self.trainer, AFTER_FAILURE_S)
+        except BaseException as stop:  # SystemExit: RequeueOnSignal's stop, every rank saved and is leaving
+            wait_for_launched_ranks(self.trainer, AFTER_SUCCESS_S if isinstance(stop, SystemExit) else AFTER_FAILURE_S)
             raise
         wait_for_launched_ranks(self.trainer, AFTER_SUCCESS_S)
 
