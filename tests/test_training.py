@@ -12,7 +12,8 @@ from helpers.fit import fit_args
 from helpers.shards import write_latent_shards
 from nit_lightning.data.batch import PackedBatch
 from nit_lightning.data.codecs import PixelCodec
-from nit_lightning.training.module import NiTModule, step_seed
+from nit_lightning.training.module import NiTModule
+from nit_lightning.training.seeds import step_seed
 
 
 @pytest.fixture(scope="module")

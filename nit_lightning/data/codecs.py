@@ -287,5 +287,6 @@ class DescribesItsCodec(Protocol):
 
 def codec_description_of(datamodule: Any) -> dict[str, Any] | None:
     """The codec description of a datamodule that has one (`DescribesItsCodec`), else None."""
-    return dict(datamodule.codec_description) if isinstance(datamodule, DescribesItsCodec) and \
-        datamodule.codec_description is not None else None
+    if not isinstance(datamodule, DescribesItsCodec) or datamodule.codec_description is None:
+        return None
+    return dict(datamodule.codec_description)

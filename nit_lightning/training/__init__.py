@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from nit_lightning.training.callbacks import DataHealthMonitor, GradNormMonitor, PackLog, ThroughputMonitor
 from nit_lightning.training.ema import EMA, unwrap_net
-from nit_lightning.training.module import NiTModule, step_seed
+from nit_lightning.training.module import NiTModule
+from nit_lightning.training.seeds import step_seed
 
 __all__ = [
     "EMA", "DataHealthMonitor", "GradNormMonitor", "NiTModule", "PackLog", "ThroughputMonitor", "step_seed", "unwrap_net",
